@@ -1,0 +1,55 @@
+"""sagaz: sagas (sequences or DAGs of steps with compensations) run in-process or over Kafka.
+
+Importing sagaz is cheap and has no side effects: no logging set-up, no network, and the
+heavy parts (the engine, Kafka, Faust) load only when first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "2.0.0.dev0"
+
+_EXPORTS = {
+    "Saga": "sagaz.definition",
+    "DAGSaga": "sagaz.definition",
+    "Step": "sagaz.definition",
+    "SagaContext": "sagaz.context",
+    "Retry": "sagaz.policy",
+    "FailureStrategy": "sagaz.policy",
+    "SagaStatus": "sagaz.machine",
+    "StepStatus": "sagaz.machine",
+    "SagaResult": "sagaz.result",
+    "StepRecord": "sagaz.result",
+    "Engine": "sagaz.engine",
+    "InMemorySagaStore": "sagaz.store",
+    "SagaStore": "sagaz.store",
+    "SagazError": "sagaz.errors",
+    "SagaDefinitionError": "sagaz.errors",
+    "SagaContextError": "sagaz.errors",
+    "SagaFailed": "sagaz.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sagaz' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from sagaz.context import SagaContext
+    from sagaz.definition import DAGSaga, Saga, Step
+    from sagaz.engine import Engine
+    from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed, SagazError
+    from sagaz.machine import SagaStatus, StepStatus
+    from sagaz.policy import FailureStrategy, Retry
+    from sagaz.result import SagaResult, StepRecord
+    from sagaz.store import InMemorySagaStore, SagaStore

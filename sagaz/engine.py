@@ -1,0 +1,357 @@
+"""The in-process engine: runs a saga on asyncio by feeding the state machine its events.
+
+All decisions are the machine's (``sagaz.machine``); this shell only starts attempts, arms
+timers, cancels what the machine says to cancel, and reports outcomes back as events.
+
+Steps start eagerly: an attempt's coroutine runs at once, inside the engine, up to its first
+real suspension. A step that never suspends finishes without a task or an event-loop round
+trip (as ``asyncio.eager_task_factory`` does on Python 3.12); one that suspends continues as
+a task, so independent DAG branches still overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import itertools
+import os
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
+from functools import partial
+from typing import Any
+
+from sagaz import machine as m
+from sagaz.context import SagaContext, check_serialisable
+from sagaz.definition import Saga
+from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed
+from sagaz.machine import Plan, SagaState
+from sagaz.result import SagaResult
+from sagaz.store import InMemorySagaStore, SagaStore
+
+_RUN, _COMP = 0, 1
+
+
+class _Ids:
+    """Saga ids: 16 random hex digits per process, then a counter. Unique, cheap, ordered."""
+
+    prefix = ""
+    counter = itertools.count()
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.prefix = os.urandom(8).hex()
+        cls.counter = itertools.count()
+
+
+def new_saga_id() -> str:
+    if not _Ids.prefix:
+        _Ids.reset()
+        os.register_at_fork(after_in_child=_Ids.reset)  # a forked child must not reuse ids
+    return f"{_Ids.prefix}{next(_Ids.counter):08x}"
+
+
+class _Continue:
+    """Awaitable that drives a coroutine which has already yielded ``first`` once."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro, self.first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self.coro, self.first
+        self.coro = self.first = None  # type: ignore[assignment]
+        while True:
+            try:
+                value = yield yielded
+            except BaseException as exc:  # cancellation (or close) goes to the step
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(value)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
+    return await _Continue(coro, first)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Run:
+    """One saga run being driven. Not reusable."""
+
+    __slots__ = ("actions", "clock", "ctx", "errors", "key", "loop", "plan", "queue", "saga",
+                 "state", "store", "tasks", "timers", "waiter", "watchers")
+
+    def __init__(self, engine: Engine, saga: Saga, plan: Plan, ctx: SagaContext,
+                 key: str | None) -> None:
+        self.saga, self.plan, self.ctx, self.key = saga, plan, ctx, key
+        self.store, self.clock = engine.store, engine.clock
+        self.actions = saga.actions
+        self.loop = asyncio.get_running_loop()
+        self.queue: deque[tuple[Any, Any]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.tasks: dict[tuple[int, str, int], asyncio.Task[Any]] = {}
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.errors: dict[str, BaseException] = {}
+        self.state: SagaState = None  # type: ignore[assignment]
+        self.watchers: asyncio.Future[SagaResult] | None = None  # made when someone waits
+
+    # -- the loop
+
+    async def drive(self, state: SagaState, cmds: list[Any]) -> SagaResult:
+        self.state = state
+        plan, queue, clock, store, ctx = self.plan, self.queue, self.clock, self.store, self.ctx
+        handle, execute = m.handle, self.execute
+        save_each = not store.keeps_live_state
+        try:
+            await store.save(state, ctx, self.key)
+            execute(cmds)
+            while not state.terminal:
+                if not queue:
+                    self.waiter = self.loop.create_future()
+                    await self.waiter
+                    continue
+                event, result = queue.popleft()
+                seq = state.seq
+                _, cmds = handle(plan, state, event, clock())
+                if state.seq == seq:
+                    continue  # stale or repeated: ignored by the machine
+                if result is not None:
+                    ctx.results[event.step] = result
+                if save_each:  # write-ahead: saved before its commands are carried out
+                    await store.save(state, ctx, self.key)
+                execute(cmds)
+            if not save_each:
+                await store.save(state, ctx, self.key)
+        finally:
+            if self.timers or self.tasks:
+                await self.settle()
+        failed = state.failed_step
+        return SagaResult(plan, state, ctx.data, ctx.results,
+                                     self.errors.get(failed) if failed else None)
+
+    async def settle(self) -> None:
+        """Nothing may outlive the run: disarm timers, cancel and await abandoned attempts."""
+        for handle in self.timers.values():
+            handle.cancel()
+        self.timers.clear()
+        pending = [t for t in self.tasks.values() if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def push(self, event: Any, result: Any = None) -> None:
+        self.queue.append((event, result))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- commands
+
+    def execute(self, cmds: list[Any]) -> None:
+        for cmd in cmds:
+            kind = type(cmd)
+            if kind is m.RunStep:
+                self.start(_RUN, cmd.step, cmd.attempt)
+            elif kind is m.RunCompensation:
+                self.start(_COMP, cmd.step, cmd.attempt)
+            elif kind is m.ScheduleTimer:
+                delay = max(0.0, cmd.due - self.clock())
+                self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
+            elif kind is m.CancelTimer:
+                handle = self.timers.pop(cmd.key, None)
+                if handle is not None:
+                    handle.cancel()
+            elif kind is m.CancelStep:
+                self.cancel(_RUN, cmd.step, cmd.attempt)
+            elif kind is m.CancelCompensation:
+                self.cancel(_COMP, cmd.step, cmd.attempt)
+            # Finish needs nothing: the loop ends on the terminal state.
+
+    def fire(self, key: str) -> None:
+        self.timers.pop(key, None)
+        self.push(m.TimerFired(key))
+
+    def cancel(self, kind: int, step: str, attempt: int) -> None:
+        task = self.tasks.get((kind, step, attempt))
+        if task is not None and not task.done():
+            task.cancel()
+
+    def start(self, kind: int, step: str, attempt: int) -> None:
+        fn = self.actions[step][kind]
+        try:
+            coro = fn(self.ctx)
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            self.outcome(kind, step, attempt, stop.value, None)
+            return
+        except (Exception, asyncio.CancelledError) as exc:
+            # Drop this frame from the traceback: it starts at the step, and the exception
+            # kept in the result does not hold the run alive through a reference cycle.
+            if exc.__traceback__ is not None:
+                exc.__traceback__ = exc.__traceback__.tb_next
+            self.outcome(kind, step, attempt, None, exc)
+            return
+        task = self.loop.create_task(_continue(coro, yielded))
+        self.tasks[(kind, step, attempt)] = task
+        task.add_done_callback(partial(self.task_done, kind, step, attempt))
+
+    def task_done(self, kind: int, step: str, attempt: int, task: asyncio.Task[Any]) -> None:
+        del self.tasks[(kind, step, attempt)]
+        if task.cancelled():
+            self.outcome(kind, step, attempt, None, asyncio.CancelledError())
+            return
+        exc = task.exception()
+        self.outcome(kind, step, attempt, None if exc else task.result(), exc)
+
+    def outcome(self, kind: int, step: str, attempt: int, value: Any,
+                exc: BaseException | None) -> None:
+        if exc is None and kind == _RUN and value is not None:
+            try:
+                check_serialisable(f"result of step {step!r}", value)
+            except SagaContextError as bad:
+                exc = bad
+        if exc is None:
+            if kind == _RUN:
+                self.push(m.StepSucceeded(step, attempt), value)
+            else:
+                self.push(m.CompensationSucceeded(step, attempt))
+            return
+        self.errors[step] = exc
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        policy = self.saga.steps[step]
+        if kind == _RUN:
+            if cancelled:
+                self.push(m.StepCancelled(step, attempt))
+            else:
+                self.push(m.StepFailed(step, attempt, _describe(exc), policy.retry.retryable(exc)))
+        else:
+            self.push(m.CompensationFailed(
+                step, attempt, "cancelled" if cancelled else _describe(exc),
+                not cancelled and policy.compensation_retry.retryable(exc)))
+
+
+class Engine:
+    """Runs sagas in this process. Holds no per-saga state besides its store."""
+
+    def __init__(self, store: SagaStore | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store: SagaStore = store if store is not None else InMemorySagaStore()
+        self.clock = clock
+        self._inflight: dict[str, _Run] = {}
+
+    async def run(self, saga: Saga, data: dict[str, Any] | None = None, *,
+                  saga_id: str | None = None, idempotency_key: str | None = None,
+                  raise_on_failure: bool = False) -> SagaResult:
+        plan = _prepare(saga)
+        if saga_id is None:
+            saga_id = new_saga_id()
+        elif not isinstance(saga_id, str) or not saga_id:
+            raise ValueError(f"saga_id must be a non-empty str, got {saga_id!r}")
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError(f"idempotency_key must be a non-empty str, "
+                                 f"got {idempotency_key!r}")
+            owner = await self.store.claim(idempotency_key, saga_id)
+            if owner != saga_id:
+                return _check(await self._existing(saga, owner), raise_on_failure)
+        ctx = SagaContext(saga_id, saga.name, data)
+        run = _Run(self, saga, plan, ctx, idempotency_key)
+        state, cmds = m.start(plan, saga_id, self.clock())
+        return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+
+    async def resume(self, saga: Saga, saga_id: str, *,
+                     raise_on_failure: bool = False) -> SagaResult:
+        """Continue a run from its stored state: in-flight attempts are issued again."""
+        plan = _prepare(saga)
+        if saga_id in self._inflight:
+            return _check(await self._wait(self._inflight[saga_id]), raise_on_failure)
+        record = await self.store.load(saga_id)
+        if record is None:
+            raise KeyError(f"no saga {saga_id!r} in the store")
+        if record.name != saga.name:
+            raise ValueError(f"saga {saga_id!r} is a {record.name!r}, not a {saga.name!r}")
+        state = SagaState.from_dict(record.state)
+        ctx = SagaContext(saga_id, saga.name, record.data, record.results)
+        run = _Run(self, saga, plan, ctx, record.idempotency_key)
+        cmds = m.resume(plan, state)
+        return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+
+    async def _track(self, saga_id: str, run: _Run,
+                     coro: Coroutine[Any, Any, SagaResult]) -> SagaResult:
+        if saga_id in self._inflight:
+            coro.close()
+            raise ValueError(f"saga {saga_id!r} is already running in this engine")
+        self._inflight[saga_id] = run
+        try:
+            result = await coro
+        except BaseException as exc:
+            if run.watchers is not None:
+                run.watchers.set_exception(exc)
+                run.watchers.exception()  # marked retrieved; the waiters re-raise it
+            raise
+        finally:
+            del self._inflight[saga_id]
+        if run.watchers is not None:
+            run.watchers.set_result(result)
+        return result
+
+    async def _wait(self, run: _Run) -> SagaResult:
+        if run.watchers is None:
+            run.watchers = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(run.watchers)
+
+    async def _existing(self, saga: Saga, saga_id: str) -> SagaResult:
+        run = self._inflight.get(saga_id)
+        if run is not None:
+            return await self._wait(run)
+        record = await self.store.load(saga_id)
+        if record is None:
+            raise KeyError(f"idempotency key is bound to saga {saga_id!r}, which the store "
+                           f"no longer holds")
+        state = SagaState.from_dict(record.state)
+        return SagaResult(saga.plan, state, record.data, record.results)
+
+    async def get(self, saga: Saga, saga_id: str) -> SagaResult | None:
+        """The current view of a run (live or finished), or None if the store has no such run."""
+        record = await self.store.load(saga_id)
+        if record is None:
+            return None
+        return SagaResult(_prepare(saga), SagaState.from_dict(record.state),
+                                     record.data, record.results)
+
+
+def _prepare(saga: Saga) -> Plan:
+    plan = saga.plan
+    if saga.remote_steps:
+        raise SagaDefinitionError(
+            f"saga {saga.name!r} cannot run in-process: steps {list(saga.remote_steps)} have "
+            f"no local action (they run in participants; use the Kafka orchestrator)")
+    return plan
+
+
+def _check(result: SagaResult, raise_on_failure: bool) -> SagaResult:
+    if raise_on_failure and not result.succeeded:
+        raise SagaFailed(result) from result.exception
+    return result
+
+
+_default: Engine | None = None
+
+
+def default_engine() -> Engine:
+    """The engine behind ``Saga.execute``: an in-memory store of bounded size."""
+    global _default
+    if _default is None:
+        _default = Engine()
+    return _default

@@ -1,0 +1,100 @@
+"""Where the in-process engine keeps saga runs, so they can be inspected and resumed.
+
+A store receives the live state and context after every applied transition, *before* the
+commands of that transition are carried out (write-ahead): a run that crashes can be resumed
+from the last saved state, and every step it was running is issued again under the same
+command id. The in-memory store keeps live references (cheap; gone with the process);
+durable stores serialise what they are given.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sagaz.context import SagaContext
+from sagaz.machine import SagaState
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRecord:
+    """A snapshot of one run: machine state (``SagaState.to_dict()``) and context."""
+
+    saga_id: str
+    name: str
+    state: dict[str, Any]
+    data: dict[str, Any]
+    results: dict[str, Any]
+    idempotency_key: str | None = None
+
+    @property
+    def status(self) -> str:
+        return str(self.state["status"])
+
+
+class SagaStore(Protocol):
+    #: True when the store keeps references to the live state and context (in-memory):
+    #: the engine then saves only when a run starts and when it ends.
+    keeps_live_state: bool
+
+    async def save(self, state: SagaState, context: SagaContext,
+                   idempotency_key: str | None) -> None: ...
+
+    async def load(self, saga_id: str) -> SagaRecord | None: ...
+
+    async def claim(self, idempotency_key: str, saga_id: str) -> str:
+        """Bind the key to saga_id unless it is bound already; return the bound saga id."""
+        ...
+
+    async def list(self, *, status: str | None = None, name: str | None = None,
+                   limit: int = 100) -> list[SagaRecord]: ...
+
+
+class InMemorySagaStore:
+    """Live runs plus the most recent ``max_finished`` finished ones (oldest evicted first)."""
+
+    keeps_live_state = True
+
+    def __init__(self, max_finished: int = 10_000) -> None:
+        if isinstance(max_finished, bool) or not isinstance(max_finished, int) or max_finished < 0:
+            raise ValueError(f"max_finished must be an int >= 0, got {max_finished!r}")
+        self.max_finished = max_finished
+        self._runs: dict[str, tuple[SagaState, SagaContext, str | None]] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._keys: dict[str, str] = {}
+
+    async def save(self, state: SagaState, context: SagaContext,
+                   idempotency_key: str | None) -> None:
+        sid = state.saga_id
+        self._runs[sid] = (state, context, idempotency_key)
+        if state.terminal and sid not in self._finished:
+            self._finished[sid] = None
+            while len(self._finished) > self.max_finished:
+                old, _ = self._finished.popitem(last=False)
+                _, _, key = self._runs.pop(old)
+                if key is not None:
+                    self._keys.pop(key, None)
+
+    async def load(self, saga_id: str) -> SagaRecord | None:
+        entry = self._runs.get(saga_id)
+        if entry is None:
+            return None
+        state, ctx, key = entry
+        return SagaRecord(saga_id, state.name, state.to_dict(), dict(ctx.data),
+                          dict(ctx.results), key)
+
+    async def claim(self, idempotency_key: str, saga_id: str) -> str:
+        return self._keys.setdefault(idempotency_key, saga_id)
+
+    async def list(self, *, status: str | None = None, name: str | None = None,
+                   limit: int = 100) -> list[SagaRecord]:
+        out: list[SagaRecord] = []
+        for sid, (state, _, _) in reversed(self._runs.items()):
+            if len(out) >= limit:
+                break
+            if (status is None or state.status == status) and (name is None or state.name == name):
+                record = await self.load(sid)
+                assert record is not None
+                out.append(record)
+        return out

@@ -1,0 +1,318 @@
+"""A throwaway single-node Apache Kafka broker, without Docker.
+
+Apache Kafka's broker is published on Maven Central (``org.apache.kafka:kafka_2.13``).
+``resolve()`` copies it and its runtime dependencies into a cache directory outside the
+repository, once, using the small pom shipped beside this module. ``LocalKafka`` formats
+KRaft storage in a fresh directory, starts ``kafka.Kafka`` as broker+controller on free
+loopback ports with a small heap, waits until the broker answers a metadata request and
+stops it cleanly. The JVM dies with the Python process that started it (PR_SET_PDEATHSIG on
+Linux, plus an atexit hook), so a crashed test session leaves no orphan broker behind.
+
+Command line::
+
+    python -m sagaz.testing.kafka resolve          # fetch the jars into the cache
+    python -m sagaz.testing.kafka start [--port N] # run a broker until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import base64
+import concurrent.futures
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+
+KAFKA_VERSION = "3.9.1"
+_POM = "kafka-pom.xml"
+
+
+class KafkaToolError(RuntimeError):
+    """The local broker could not be resolved or started; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SAGAZ_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sagaz"
+    )
+    return Path(base) / f"kafka-{KAFKA_VERSION}"
+
+
+def _require(tool: str, why: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise KafkaToolError(
+            f"'{tool}' was not found on PATH; it is needed {why}. Install it "
+            f"(Debian: apt-get install openjdk-17-jre-headless maven), or point the tests at an "
+            f"existing broker with KAFKA_BOOTSTRAP_SERVERS=host:port."
+        )
+    return path
+
+
+def resolve(*, quiet: bool = True) -> Path:
+    """Return the directory holding the broker's jars, resolving them from Maven once."""
+    libs = cache_dir() / "libs"
+    marker = cache_dir() / "resolved.ok"
+    if marker.exists() and any(libs.glob("kafka_2.13-*.jar")):
+        return libs
+    mvn = _require("mvn", "to fetch Apache Kafka from Maven Central")
+    _require("java", "to run the Kafka broker")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    pom = cache_dir() / "pom.xml"
+    pom.write_text(resources.files("sagaz.testing").joinpath(_POM).read_text())
+    tmp_libs = cache_dir() / "libs.partial"
+    shutil.rmtree(tmp_libs, ignore_errors=True)
+    cmd = [
+        mvn, "-B", *(["-q"] if quiet else []), "-f", str(pom),
+        "dependency:copy-dependencies", "-DincludeScope=runtime",
+        f"-DoutputDirectory={tmp_libs}", f"-Dkafka.version={KAFKA_VERSION}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise KafkaToolError(
+            f"Maven could not resolve org.apache.kafka:kafka_2.13:{KAFKA_VERSION} "
+            f"(exit {proc.returncode}). Check that Maven Central is reachable and "
+            f"~/.m2/settings.xml is sane. Command: {' '.join(cmd)}\n{tail}"
+        )
+    # Swap in atomically so an interrupted resolution never looks complete.
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp_libs.rename(libs)
+    marker.write_text(KAFKA_VERSION)
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+_LOG4J = """\
+log4j.rootLogger=INFO, file
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.File={log}
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka=INFO
+log4j.logger.org.apache.kafka=INFO
+log4j.logger.state.change.logger=WARN
+"""
+
+
+class LocalKafka:
+    """One KRaft broker+controller on 127.0.0.1. Use as a context manager or start()/stop()."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        heap: str = "512m",
+        partitions: int = 1,
+        start_timeout: float = 90.0,
+    ) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        self.port = port or free_port()
+        self.controller_port = free_port()
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sagaz-kafka-"))
+        self.heap = heap
+        self.partitions = partitions
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_in: float | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "server.log"
+
+    def _write_config(self) -> Path:
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
+                         f"CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(data),
+            "num.partitions": str(self.partitions),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "log.flush.interval.ms": "60000",
+        }
+        cfg = self.workdir / "server.properties"
+        cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.workdir / "log4j.properties").write_text(_LOG4J.format(log=self.log_file))
+        return cfg
+
+    def _java(self, libs: Path, main: str, *args: str) -> list[str]:
+        return [
+            _require("java", "to run the Kafka broker"),
+            f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
+            "-cp", f"{libs}/*", main, *args,
+        ]
+
+    def start(self) -> LocalKafka:
+        t0 = time.monotonic()
+        libs = resolve()
+        cfg = self._write_config()
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = subprocess.run(
+            self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)),
+            capture_output=True, text=True,
+        )
+        if fmt.returncode != 0:
+            raise KafkaToolError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        out = open(self.workdir / "stdout.log", "wb")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            self._java(libs, "kafka.Kafka", str(cfg)),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        out.close()
+        atexit.register(self.stop)
+        try:
+            self._wait_ready(t0 + self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.proc is not None
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # works inside a running loop too
+            while True:
+                if self.proc.poll() is not None:
+                    raise KafkaToolError(
+                        f"the Kafka broker exited with code {self.proc.returncode} during start; "
+                        f"last log lines:\n{self.tail_log()}"
+                    )
+                if _port_open(self.port) and pool.submit(
+                    asyncio.run, _answers_metadata(self.bootstrap_servers)
+                ).result():
+                    return
+                if time.monotonic() > deadline:
+                    raise KafkaToolError(
+                        f"the Kafka broker did not answer a metadata request within "
+                        f"{self.start_timeout:.0f}s; last log lines:\n{self.tail_log()}"
+                    )
+                time.sleep(0.2)
+
+    def tail_log(self, lines: int = 30) -> str:
+        text = ""
+        for name in ("stdout.log", "server.log"):
+            p = self.workdir / name
+            if p.exists():
+                text += "".join(p.read_text(errors="replace").splitlines(True)[-lines:])
+        return text
+
+    def stop(self, timeout: float = 20.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # SIGTERM: controlled shutdown
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalKafka:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+async def _answers_metadata(bootstrap: str) -> bool:
+    from aiokafka import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    try:
+        await client.bootstrap()
+        return bool(client.cluster.brokers())
+    except Exception:
+        return False
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sagaz.testing.kafka", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("resolve", help="fetch the broker's jars from Maven Central into the cache")
+    st = sub.add_parser("start", help="run a broker in the foreground until Ctrl-C")
+    st.add_argument("--port", type=int, default=None)
+    st.add_argument("--partitions", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "resolve":
+            print(resolve(quiet=False))
+            return 0
+        broker = LocalKafka(port=args.port, partitions=args.partitions).start()
+    except KafkaToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Kafka {KAFKA_VERSION} ready at {broker.bootstrap_servers} "
+          f"(started in {broker.started_in:.1f}s, log {broker.log_file}); Ctrl-C stops it",
+          flush=True)
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
