@@ -184,8 +184,12 @@ class _Run:
 
     def cancel(self, kind: int, step: str, attempt: int) -> None:
         task = self.tasks.get((kind, step, attempt))
-        if task is not None and not task.done():
-            task.cancel()
+        if task is not None:
+            task.cancel()  # its done-callback reports the outcome
+        else:
+            # Nothing runs it here (it finished, and that outcome is queued ahead of this,
+            # or the run was resumed in a new process): confirm the cancellation at once.
+            self.outcome(kind, step, attempt, None, asyncio.CancelledError())
 
     def start(self, kind: int, step: str, attempt: int) -> None:
         fn = self.actions[step][kind]
@@ -267,7 +271,7 @@ class Engine:
                 return _check(await self._existing(saga, owner), raise_on_failure)
         ctx = SagaContext(saga_id, saga.name, data)
         run = _Run(self, saga, plan, ctx, idempotency_key)
-        state, cmds = m.start(plan, saga_id, self.clock())
+        state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
         return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
 
     async def resume(self, saga: Saga, saga_id: str, *,

@@ -43,6 +43,13 @@ Step status:
                RUNNING -> FAILED | CANCELLING -> CANCELLED
     PENDING -> SKIPPED                                   (never started, saga over)
 
+Timeouts: when a step's (or compensation's) timer fires, its attempt is cancelled. If the
+shell confirms cancellations (``start(..., confirms_cancel=True)``: the in-process engine
+does), the machine waits for that confirmation before it retries or compensates, so two
+attempts of a step never overlap and nothing is undone while a step still runs. A remote
+participant cannot confirm, so the Kafka orchestrator abandons the attempt at once and
+ignores whatever it reports later.
+
 Timer keys are strings: ``deadline``, ``grace``, ``timeout|step|n``, ``retry|step|n``,
 ``ctimeout|step|n``, ``cretry|step|n``. The state holds the armed timers and their due times,
 so a shell that restarts can re-arm them from the state alone (see ``resume``).
@@ -314,7 +321,7 @@ def command_id(saga_id: str, step: str, attempt: int, action: str) -> str:
 
 class StepState:
     __slots__ = ("attempt", "comp_attempt", "comp_error", "ended_at", "error", "started_at",
-                 "status", "to_compensate")
+                 "status", "timed_out", "to_compensate")
 
     def __init__(self) -> None:
         self.status: StepStatus = _PENDING
@@ -325,16 +332,17 @@ class StepState:
         self.error: str | None = None
         self.comp_error: str | None = None
         self.to_compensate = False
+        self.timed_out = False  # current attempt timed out; waiting for its cancellation
 
     def to_list(self) -> list[Any]:
         return [self.status.value, self.attempt, self.comp_attempt, self.started_at,
-                self.ended_at, self.error, self.comp_error, self.to_compensate]
+                self.ended_at, self.error, self.comp_error, self.to_compensate, self.timed_out]
 
     @classmethod
     def from_list(cls, row: list[Any]) -> StepState:
         st = cls()
         (status, st.attempt, st.comp_attempt, st.started_at, st.ended_at, st.error,
-         st.comp_error, st.to_compensate) = row
+         st.comp_error, st.to_compensate, st.timed_out) = row
         st.status = StepStatus(status)
         return st
 
@@ -343,8 +351,8 @@ class StepState:
 
 
 class SagaState:
-    __slots__ = ("ended_at", "failed_step", "failure", "name", "saga_id", "seq", "started_at",
-                 "status", "steps", "timers", "updated_at")
+    __slots__ = ("confirms_cancel", "ended_at", "failed_step", "failure", "name", "saga_id",
+                 "seq", "started_at", "status", "steps", "timers", "updated_at")
 
     def __init__(self, name: str, saga_id: str, n_steps: int, now: float) -> None:
         self.name = name
@@ -358,6 +366,10 @@ class SagaState:
         self.failure: str | None = None
         self.failed_step: str | None = None
         self.seq = 0  # events applied; ignored events leave it unchanged
+        # The shell reports when a cancelled attempt has really stopped (in-process: yes;
+        # remote participants: no). If so, a timed-out attempt is awaited before its step is
+        # retried or anything is compensated, so attempts never overlap.
+        self.confirms_cancel = False
 
     @property
     def terminal(self) -> bool:
@@ -373,7 +385,7 @@ class SagaState:
             "steps": [s.to_list() for s in self.steps], "timers": dict(self.timers),
             "started_at": self.started_at, "updated_at": self.updated_at,
             "ended_at": self.ended_at, "failure": self.failure, "failed_step": self.failed_step,
-            "seq": self.seq,
+            "seq": self.seq, "cc": self.confirms_cancel,
         }
 
     @classmethod
@@ -386,6 +398,7 @@ class SagaState:
         st.timers = dict(d["timers"])
         st.updated_at, st.ended_at = d["updated_at"], d["ended_at"]
         st.failure, st.failed_step, st.seq = d["failure"], d["failed_step"], d["seq"]
+        st.confirms_cancel = d["cc"]
         return st
 
     def __repr__(self) -> str:
@@ -397,9 +410,15 @@ class SagaState:
 Commands = list[Any]
 
 
-def start(plan: Plan, saga_id: str, now: float) -> tuple[SagaState, Commands]:
-    """Create the state of a new run and the commands that begin it."""
+def start(plan: Plan, saga_id: str, now: float, *,
+          confirms_cancel: bool = False) -> tuple[SagaState, Commands]:
+    """Create the state of a new run and the commands that begin it.
+
+    ``confirms_cancel``: the shell answers every CancelStep / CancelCompensation with the
+    attempt's final event (StepCancelled, or its real outcome if it finished first).
+    """
     state = SagaState(plan.name, saga_id, len(plan.steps), now)
+    state.confirms_cancel = confirms_cancel
     cmds: Commands = []
     if plan.deadline is not None:
         _arm(state, "deadline", now + plan.deadline, cmds)
@@ -435,7 +454,10 @@ def resume(plan: Plan, state: SagaState) -> Commands:
         elif st.status is _CANCELLING:
             cmds.append(CancelStep(sp.name, st.attempt))
         elif st.status is _COMPENSATING:
-            cmds.append(RunCompensation(sp.name, st.comp_attempt, state.saga_id))
+            if st.timed_out:
+                cmds.append(CancelCompensation(sp.name, st.comp_attempt))
+            else:
+                cmds.append(RunCompensation(sp.name, st.comp_attempt, state.saga_id))
     cmds.extend(ScheduleTimer(k, due) for k, due in state.timers.items())
     return cmds
 
@@ -458,6 +480,7 @@ def _run_attempt(plan: Plan, state: SagaState, i: int, attempt: int, now: float,
     sp, st = plan.steps[i], state.steps[i]
     st.status = _RUNNING
     st.attempt = attempt
+    st.timed_out = False
     if attempt == 1:
         st.started_at = now
     cmds.append(RunStep(sp.name, attempt, state.saga_id))
@@ -470,6 +493,7 @@ def _run_compensation(plan: Plan, state: SagaState, i: int, attempt: int, now: f
     sp, st = plan.steps[i], state.steps[i]
     st.status = _COMPENSATING
     st.comp_attempt = attempt
+    st.timed_out = False
     cmds.append(RunCompensation(sp.name, attempt, state.saga_id))
     if sp.compensation_timeout is not None:
         _arm(state, f"ctimeout|{sp.name}|{attempt}", now + sp.compensation_timeout, cmds)
@@ -526,6 +550,8 @@ def _abort(plan: Plan, state: SagaState, reason: str, failed_step: str | None, h
                     cmds.append(CancelStep(sp.name, st.attempt))
                 else:
                     waiting = True
+            elif st.status is _CANCELLING and cancel:
+                st.timed_out = False  # no retry after it stops: it is cancelled for good
         if waiting and "grace" not in state.timers:
             _arm(state, "grace", now + plan.grace_period, cmds)
     _maybe_compensate(plan, state, now, cmds)
@@ -536,6 +562,8 @@ def _cancel_running(plan: Plan, state: SagaState, cmds: Commands) -> None:
         if st.status is _RUNNING:
             st.status = _CANCELLING
             cmds.append(CancelStep(sp.name, st.attempt))
+        elif st.status is _CANCELLING:
+            st.timed_out = False
 
 
 def _maybe_compensate(plan: Plan, state: SagaState, now: float, cmds: Commands) -> None:
@@ -605,6 +633,7 @@ def _on_step_succeeded(plan: Plan, state: SagaState, ev: StepSucceeded, now: flo
     if plan.steps[i].timeout is not None:
         _disarm(state, f"timeout|{ev.step}|{ev.attempt}", cmds)
     st.status = _SUCCEEDED  # also when cancelling: it finished anyway, so it gets undone
+    st.timed_out = False
     st.ended_at = now
     if state.status is _SAGA_RUNNING:
         _launch_after(plan, state, i, now, cmds)
@@ -619,12 +648,17 @@ def _attempt_failed(plan: Plan, state: SagaState, i: int, error: str, retryable:
     sp, st = plan.steps[i], state.steps[i]
     if sp.timeout is not None:
         _disarm(state, f"timeout|{sp.name}|{st.attempt}", cmds)
+    if st.status is _CANCELLING:
+        if not st.timed_out:  # cancelled by an abort, as asked: stop waiting
+            st.error = error
+            st.status = _CANCELLED
+            st.ended_at = now
+            _maybe_compensate(plan, state, now, cmds)
+            return
+        # The timed-out attempt has stopped: decide as for any failed attempt.
+        st.timed_out = False
+        error, retryable, cancelled = st.error or error, sp.retry.retry_on_timeout, False
     st.error = error
-    if st.status is _CANCELLING:  # we asked for this; stop waiting
-        st.status = _CANCELLED
-        st.ended_at = now
-        _maybe_compensate(plan, state, now, cmds)
-        return
     may_continue = state.status is _SAGA_RUNNING or (
         state.status is _SAGA_ABORTING and plan.strategy is _WAIT_ALL
     )
@@ -667,6 +701,10 @@ def _compensation_over(plan: Plan, state: SagaState, i: int, error: str | None,
     sp, st = plan.steps[i], state.steps[i]
     if sp.compensation_timeout is not None:
         _disarm(state, f"ctimeout|{sp.name}|{st.comp_attempt}", cmds)
+    if st.timed_out:  # the timed-out attempt has stopped
+        st.timed_out = False
+        if error is not None:
+            error, retryable = st.comp_error or error, sp.compensation_retry.retry_on_timeout
     if error is None:
         st.status = _COMPENSATED
         st.comp_error = None
@@ -720,16 +758,26 @@ def _on_timer(plan: Plan, state: SagaState, ev: TimerFired, now: float, cmds: Co
     kind, step, n = key.split("|")
     i, attempt = plan.index[step], int(n)
     sp = plan.steps[i]
+    st = state.steps[i]
     if kind == "timeout":  # the armed timer is always for the current attempt
-        cmds.append(CancelStep(step, attempt))
-        _attempt_failed(plan, state, i, f"timed out after {sp.timeout}s",
-                        sp.retry.retry_on_timeout, now, cmds)
+        message = f"timed out after {sp.timeout}s"
+        if not state.confirms_cancel:  # abandon the attempt now
+            cmds.append(CancelStep(step, attempt))
+            _attempt_failed(plan, state, i, message, sp.retry.retry_on_timeout, now, cmds)
+        elif st.status is _RUNNING:  # cancel it and decide once it has stopped
+            cmds.append(CancelStep(step, attempt))
+            st.status, st.timed_out, st.error = _CANCELLING, True, message
+        # else: already being cancelled by an abort; keep waiting for it
     elif kind == "retry":
         _run_attempt(plan, state, i, attempt, now, cmds)
     elif kind == "ctimeout":
         cmds.append(CancelCompensation(step, attempt))
-        _compensation_over(plan, state, i, f"timed out after {sp.compensation_timeout}s",
-                           sp.compensation_retry.retry_on_timeout, now, cmds)
+        message = f"timed out after {sp.compensation_timeout}s"
+        if state.confirms_cancel:
+            st.timed_out, st.comp_error = True, message
+        else:
+            _compensation_over(plan, state, i, message,
+                               sp.compensation_retry.retry_on_timeout, now, cmds)
     elif kind == "cretry":
         _run_compensation(plan, state, i, attempt, now, cmds)
     return True

@@ -164,16 +164,25 @@ class Shell:
             self.inbox.append(ev)
 
     def cancel(self, kind: str, step: str, attempt: int) -> None:
-        """A cancelled attempt reports either its real outcome (too late to stop) or Cancelled."""
-        if kind != "run":
-            return  # a timed-out compensation is simply no longer awaited
-        pending = [e for e in self.inbox if e[:2] == (step, attempt)
-                   and isinstance(e, (m.StepSucceeded, m.StepFailed))]
+        """A cancelled attempt reports its real outcome (too late to stop) or that it stopped.
+
+        A shell that does not confirm cancellations may also report nothing at all.
+        """
+        assert self.state is not None
+        if not self.state.confirms_cancel and self.data.draw(st.booleans(), label="silent"):
+            return
+        if kind == "run":
+            real: tuple = (m.StepSucceeded, m.StepFailed)
+            stopped: tuple = m.StepCancelled(step, attempt)
+        else:
+            real = (m.CompensationSucceeded, m.CompensationFailed)
+            stopped = m.CompensationFailed(step, attempt, "cancelled", False)
+        pending = [e for e in self.inbox if e[:2] == (step, attempt) and isinstance(e, real)]
         if pending and self.data.draw(st.booleans(), label="finished before cancel"):
             return
         for e in pending:
             self.inbox.remove(e)
-        self.inbox.append(m.StepCancelled(step, attempt))
+        self.inbox.append(stopped)
 
     # -- events
 
@@ -199,7 +208,8 @@ class Shell:
         self.carry_out(cmds)
 
     def run(self) -> None:
-        self.state, cmds = m.start(self.plan, "saga-1", self.now)
+        self.state, cmds = m.start(self.plan, "saga-1", self.now,
+                                   confirms_cancel=self.data.draw(st.booleans(), label="cc"))
         self.carry_out(cmds)
         for _ in range(400):
             if self.finished:
@@ -240,6 +250,8 @@ def test_machine_invariants(plan: Plan, data: st.DataObject) -> None:
     assert state.status.terminal
     assert not state.timers
     assert shell.outstanding <= shell.abandoned, "finished while an attempt was still awaited"
+    if state.confirms_cancel:
+        assert not shell.outstanding, "finished before a cancelled attempt confirmed it stopped"
     for s in state.steps:
         assert s.status not in (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.CANCELLING,
                                 StepStatus.COMPENSATING, StepStatus.COMPENSATION_RETRYING,
@@ -259,7 +271,7 @@ def test_machine_invariants(plan: Plan, data: st.DataObject) -> None:
         assert any(s.status is StepStatus.COMPENSATION_FAILED for s in state.steps)
 
     # 5 + replay: the applied events alone, replayed, give the identical state
-    replay, _ = m.start(plan, "saga-1", 1000.0)
+    replay, _ = m.start(plan, "saga-1", 1000.0, confirms_cancel=state.confirms_cancel)
     for event, now in shell.applied:
         m.handle(plan, replay, event, now)
     assert replay.to_dict() == state.to_dict()
