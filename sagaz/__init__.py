@@ -6,7 +6,7 @@ heavy parts (the engine, Kafka, Faust) load only when first used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # not `from typing import ...`: importing sagaz loads nothing else
 
 __version__ = "2.0.0.dev0"
 
@@ -45,6 +45,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from sagaz.context import SagaContext
     from sagaz.definition import DAGSaga, Saga, Step
     from sagaz.engine import Engine

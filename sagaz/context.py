@@ -73,4 +73,5 @@ class SagaContext:
         return {"data": self.data, "results": self.results}
 
     def __repr__(self) -> str:
-        return f"SagaContext(saga_id={self.saga_id!r}, data={self.data!r}, results={self.results!r})"
+        return (f"SagaContext(saga_id={self.saga_id!r}, data={self.data!r}, "
+                f"results={self.results!r})")

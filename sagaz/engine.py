@@ -12,9 +12,9 @@ a task, so independent DAG branches still overlap.
 from __future__ import annotations
 
 import asyncio
-import time
 import itertools
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from functools import partial
@@ -194,7 +194,7 @@ class _Run:
     def start(self, kind: int, step: str, attempt: int) -> None:
         fn = self.actions[step][kind]
         try:
-            coro = fn(self.ctx)
+            coro: Any = fn(self.ctx)  # type: ignore[misc]  # _prepare: actions exist
             yielded = coro.send(None)
         except StopIteration as stop:
             self.outcome(kind, step, attempt, stop.value, None)

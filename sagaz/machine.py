@@ -133,7 +133,7 @@ _COMP_SETTLED = frozenset({_COMPENSATED, _COMP_FAILED})
 
 class StepPlan(NamedTuple):
     name: str
-    index: int
+    position: int
     deps: tuple[int, ...]
     dependents: tuple[int, ...]
     descendants: tuple[int, ...]  # every step that depends on this one, directly or not
@@ -163,8 +163,8 @@ class Plan:
     ) -> None:
         self.name = name
         self.steps = tuple(steps)
-        self.index = {s.name: s.index for s in self.steps}
-        self.roots = tuple(s.index for s in self.steps if not s.deps)
+        self.index = {s.name: s.position for s in self.steps}
+        self.roots = tuple(s.position for s in self.steps if not s.deps)
         self.strategy = FailureStrategy(strategy)
         self.grace_period = grace_period
         self.deadline = deadline

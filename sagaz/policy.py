@@ -67,7 +67,8 @@ class Retry:
             ):
                 raise ValueError(f"Retry.{name} must be exception classes, got {value!r}")
         if not isinstance(self.retry_on_timeout, bool):
-            raise ValueError(f"Retry.retry_on_timeout must be a bool, got {self.retry_on_timeout!r}")
+            raise ValueError(
+                f"Retry.retry_on_timeout must be a bool, got {self.retry_on_timeout!r}")
 
     def retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, self.retry_on) and not isinstance(exc, self.give_up_on)

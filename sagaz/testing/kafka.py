@@ -202,7 +202,7 @@ class LocalKafka:
         )
         if fmt.returncode != 0:
             raise KafkaToolError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
-        out = open(self.workdir / "stdout.log", "wb")  # noqa: SIM115 - owned by the process
+        out = open(self.workdir / "stdout.log", "wb")  # handed to the process
         self.proc = subprocess.Popen(
             self._java(libs, "kafka.Kafka", str(cfg)),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

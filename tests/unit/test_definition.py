@@ -87,9 +87,9 @@ def test_duplicate_and_non_async_steps_are_rejected():
     def sync_step(ctx):
         return None
 
-    with pytest.raises(SagaDefinitionError, match="step 'b' of saga 'x'.*must be an async"):
+    with pytest.raises(SagaDefinitionError, match=r"step 'b' of saga 'x'.*must be an async"):
         saga.add_step("b", sync_step)
-    with pytest.raises(SagaDefinitionError, match="compensation .* of step 'a' must be an async"):
+    with pytest.raises(SagaDefinitionError, match=r"compensation .* of step 'a' must be an async"):
         saga.steps["a"].compensation(sync_step)
 
 

@@ -77,7 +77,7 @@ class Shell:
     # -- commands
 
     def carry_out(self, cmds: list) -> None:
-        plan, state = self.plan, self.state
+        state = self.state
         assert state is not None
         assert not self.finished or not cmds, "commands after Finish"
         for cmd in cmds:

@@ -1,0 +1,44 @@
+# Every target does its own set-up: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-unit test-kafka lint demo bench bench-streams kafka clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sagaz needs Python >= 3.11, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: venv            ## the whole suite; starts a local Kafka broker unless KAFKA_BOOTSTRAP_SERVERS is set
+	$(PY) -m pytest -q
+
+test-unit: venv       ## the fast, service-free part
+	$(PY) -m pytest -q tests/unit
+
+test-kafka: venv
+	$(PY) -m pytest -q -m kafka
+
+lint: venv
+	$(VENV)/bin/ruff check sagaz streams tests
+	$(VENV)/bin/mypy sagaz streams
+
+demo: venv            ## local broker, orchestrator + participant workers, 1,000 sample sagas
+	$(PY) -m streams.demo
+
+bench: venv           ## in-process engine against sagaz 1.5.0 (needs ../shared/peers)
+	$(PY) tests/bench/bench_core.py --peer
+
+bench-streams: venv   ## sagas/s and latency through Kafka
+	$(PY) tests/bench/bench_streams.py
+
+kafka: venv           ## a broker in the foreground, for development
+	$(PY) -m sagaz.testing.kafka start --partitions 4
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis var

@@ -1,0 +1,64 @@
+"""Declaring Kafka topics with the partition counts sagaz needs, and checking existing ones.
+
+Saga state is partitioned by saga id: every topic that feeds the orchestrator must have the
+same partition count as its tables' changelogs, or a saga's events land on a partition whose
+local table does not hold its state. So topics are created up front, never auto-created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class TopicMismatch(RuntimeError):
+    """An existing topic has a partition count other than the one required."""
+
+
+async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
+                        replication: int = 1, check: bool = True) -> dict[str, int]:
+    """Create missing topics; return every topic's partition count.
+
+    With ``check``, raise TopicMismatch naming each existing topic whose count differs.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = await _partition_counts(admin, list(partitions))
+        missing = [NewTopic(name, n, replication) for name, n in partitions.items()
+                   if name not in existing]
+        if missing:
+            response = await admin.create_topics(missing, timeout_ms=15000)
+            for name, code, *_ in getattr(response, "topic_errors", []):
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise RuntimeError(f"creating topic {name!r} failed with error code {code}")
+            existing.update(await _partition_counts(admin, [t.name for t in missing]))
+    finally:
+        await admin.close()
+    if check:
+        wrong = {t: (existing.get(t), n) for t, n in partitions.items() if existing.get(t) != n}
+        if wrong:
+            detail = "; ".join(f"{t} has {have} partitions, needs {need}"
+                               for t, (have, need) in sorted(wrong.items()))
+            raise TopicMismatch(
+                f"topic partition counts differ from the configuration ({detail}). Saga "
+                f"topics must be co-partitioned with the saga tables: recreate the topics or "
+                f"set the configured partition count to match")
+    return existing
+
+
+async def _partition_counts(admin: object, names: list[str]) -> dict[str, int]:
+    # Describe only topics that exist: a metadata request for a missing topic may make a
+    # broker with auto.create.topics.enable create it, with the wrong partition count.
+    present = set(await admin.list_topics())  # type: ignore[attr-defined]
+    names = [n for n in names if n in present]
+    if not names:
+        return {}
+    described = await admin.describe_topics(names)  # type: ignore[attr-defined]
+    out: dict[str, int] = {}
+    for topic in described:
+        if topic.get("error_code", 0) == 0 and topic.get("partitions"):
+            out[topic["topic"]] = len(topic["partitions"])
+    return out
