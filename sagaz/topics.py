@@ -15,10 +15,12 @@ class TopicMismatch(RuntimeError):
 
 
 async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
-                        replication: int = 1, check: bool = True) -> dict[str, int]:
-    """Create missing topics; return every topic's partition count.
+                        replication: int = 1, check: bool = True,
+                        create: bool = True) -> dict[str, int]:
+    """Create missing topics (unless ``create`` is false); return their partition counts.
 
-    With ``check``, raise TopicMismatch naming each existing topic whose count differs.
+    With ``check``, raise TopicMismatch naming each topic whose count differs (a missing
+    topic counts as different only when it was to be created).
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
@@ -28,7 +30,7 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
     try:
         existing = await _partition_counts(admin, list(partitions))
         missing = [NewTopic(name, n, replication) for name, n in partitions.items()
-                   if name not in existing]
+                   if name not in existing and create]
         if missing:
             response = await admin.create_topics(missing, timeout_ms=15000)
             for name, code, *_ in getattr(response, "topic_errors", []):
@@ -38,7 +40,8 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
     finally:
         await admin.close()
     if check:
-        wrong = {t: (existing.get(t), n) for t, n in partitions.items() if existing.get(t) != n}
+        wrong = {t: (existing.get(t), n) for t, n in partitions.items()
+                 if existing.get(t) != n and (create or t in existing)}
         if wrong:
             detail = "; ".join(f"{t} has {have} partitions, needs {need}"
                                for t, (have, need) in sorted(wrong.items()))

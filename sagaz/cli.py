@@ -1,0 +1,143 @@
+"""The sagaz command line: workers, participants, and saga commands and queries."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+
+def _bootstrap(args: argparse.Namespace) -> str:
+    return args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "127.0.0.1:9092"
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.app import run_worker
+    from streams.config import Settings
+
+    settings = Settings.from_env(
+        bootstrap=args.bootstrap, prefix=args.prefix, partitions=args.partitions,
+        datadir=args.datadir, worker_id=args.worker_id, web_port=args.web_port,
+        sagas=tuple(args.sagas) if args.sagas else None, log_level=args.log_level)
+    run_worker(settings)
+    return 0
+
+
+def cmd_participant(args: argparse.Namespace) -> int:
+    from sagaz.participant import Participant
+    from streams.config import load_sagas
+
+    participant = Participant(args.service, load_sagas(args.sagas), bootstrap=_bootstrap(args),
+                              prefix=args.prefix or "sagaz")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(participant.stop()))
+        await participant.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from sagaz.client import SagaClient
+
+    data = json.loads(args.data)
+
+    async def main() -> None:
+        async with SagaClient(_bootstrap(args), prefix=args.prefix or "sagaz",
+                              listen=args.wait) as client:
+            sid = await client.start(args.saga, data, idempotency_key=args.idempotency_key)
+            print(sid)
+            if args.wait:
+                _print(await client.wait(sid, timeout=args.timeout))
+
+    asyncio.run(main())
+    return 0
+
+
+def _query(args: argparse.Namespace, fn: str, *a: Any, **kw: Any) -> int:
+    from sagaz.client import SagaClient
+
+    async def main() -> Any:
+        client = SagaClient(_bootstrap(args), prefix=args.prefix or "sagaz", url=args.url,
+                            listen=False)
+        return await getattr(client, fn)(*a, **kw)
+
+    result = asyncio.run(main())
+    if result is None:
+        print("not found", file=sys.stderr)
+        return 1
+    _print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sagaz", description=__doc__)
+    ap.add_argument("--bootstrap", help="Kafka host:port (default: $KAFKA_BOOTSTRAP_SERVERS)")
+    ap.add_argument("--prefix", help="topic prefix (default: sagaz)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="run an orchestrator stream worker")
+    w.add_argument("--sagas", nargs="+", help="modules (or module:attr) defining sagas")
+    w.add_argument("--partitions", type=int)
+    w.add_argument("--datadir")
+    w.add_argument("--worker-id")
+    w.add_argument("--web-port", type=int)
+    w.add_argument("--log-level")
+    w.set_defaults(fn=cmd_worker)
+
+    p = sub.add_parser("participant", help="run a participant service")
+    p.add_argument("--service", required=True)
+    p.add_argument("--sagas", nargs="+", required=True)
+    p.set_defaults(fn=cmd_participant)
+
+    s = sub.add_parser("start", help="start a saga")
+    s.add_argument("saga")
+    s.add_argument("--data", default="{}", help="JSON object: the saga's initial context")
+    s.add_argument("--idempotency-key")
+    s.add_argument("--wait", action="store_true", help="wait for and print the outcome")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.set_defaults(fn=cmd_start)
+
+    url = {"default": os.environ.get("SAGAZ_URL", "http://127.0.0.1:6066"),
+           "help": "a worker's HTTP address (default: $SAGAZ_URL or http://127.0.0.1:6066)"}
+    st = sub.add_parser("status", help="show one saga")
+    st.add_argument("saga_id")
+    st.add_argument("--url", **url)
+    st.set_defaults(fn=lambda a: _query(a, "status", a.saga_id))
+
+    ls = sub.add_parser("list", help="list sagas (of the worker asked)")
+    ls.add_argument("--status")
+    ls.add_argument("--name")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--url", **url)
+    ls.set_defaults(fn=lambda a: _query(a, "list", status=a.status, name=a.name,
+                                        limit=a.limit))
+
+    k = sub.add_parser("kafka", help="run a local Kafka broker (Maven jars, no Docker)")
+    k.set_defaults(fn=lambda a: __import__("sagaz.testing.kafka", fromlist=["main"]).main(
+        ["start", "--partitions", "4"]))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (ValueError, RuntimeError) as exc:
+        print(f"sagaz: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Start, cancel, await and inspect sagas run by the Kafka orchestrator.
+
+    async with SagaClient("127.0.0.1:9092", url="http://127.0.0.1:6066") as client:
+        saga_id = await client.start("order", {"order_id": "o1"}, idempotency_key="o1")
+        outcome = await client.wait(saga_id, timeout=30)
+        state = await client.status(saga_id)
+
+A start with an idempotency key gets a saga id derived from (saga name, key), so starting
+twice with one key names one saga, which the orchestrator starts once. ``wait`` listens to
+the outcomes topic from the moment the client starts (``listen=True``, the default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from sagaz import messages
+from sagaz.definition import Saga
+
+_NAMESPACE = uuid.UUID("5d3c1a52-8f9e-4c59-9a36-0f9b4b1f2a77")
+
+
+def saga_id_for(saga: str, idempotency_key: str) -> str:
+    """The saga id that an idempotency key names, for one saga definition."""
+    return uuid.uuid5(_NAMESPACE, f"{saga}\x00{idempotency_key}").hex
+
+
+class SagaClient:
+    def __init__(self, bootstrap: str, *, prefix: str = "sagaz", url: str | None = None,
+                 listen: bool = True, keep_outcomes: int = 100_000) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.url = url.rstrip("/") if url else None
+        self.listen = listen
+        self.keep_outcomes = keep_outcomes
+        self.producer: Any = None
+        self._consumer: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._outcomes: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+
+    async def __aenter__(self) -> SagaClient:
+        await self.start_client()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start_client(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
+                                         enable_idempotence=True, linger_ms=1)
+        await self.producer.start()
+        if self.listen:
+            topic = f"{self.prefix}.outcomes"
+            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                              enable_auto_commit=False)
+            await self._consumer.start()
+            partitions = await self._wait_for_partitions(topic)
+            tps = [_tp(topic, p) for p in partitions]
+            self._consumer.assign(tps)
+            await self._consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the end offsets now: later outcomes are not missed
+                await self._consumer.position(tp)
+            self._listener = asyncio.create_task(self._listen())
+
+    async def _wait_for_partitions(self, topic: str) -> set[int]:
+        for _ in range(100):
+            partitions = self._consumer.partitions_for_topic(topic)
+            if partitions:
+                return set(partitions)
+            await self._consumer._client.force_metadata_update()
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"topic {topic!r} does not exist: is an orchestrator worker "
+                           f"running with prefix {self.prefix!r}?")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+
+    async def _listen(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        msg = messages.decode(record.value, expect=frozenset({"outcome"}))
+                    except messages.MessageError:
+                        continue
+                    self._outcome(msg)
+
+    def _outcome(self, msg: dict[str, Any]) -> None:
+        sid = msg["saga_id"]
+        self._outcomes[sid] = msg
+        if len(self._outcomes) > self.keep_outcomes:
+            self._outcomes.popitem(last=False)
+        for fut in self._waiters.pop(sid, []):
+            if not fut.done():
+                fut.set_result(msg)
+
+    # -- commands
+
+    async def start(self, saga: str | Saga, data: dict[str, Any] | None = None, *,
+                    saga_id: str | None = None, idempotency_key: str | None = None,
+                    trace: dict[str, str] | None = None) -> str:
+        """Publish a start command; return the saga id."""
+        name = saga.name if isinstance(saga, Saga) else saga
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"saga must be a Saga or its name, got {saga!r}")
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"data must be a dict, got {type(data).__name__}")
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError("idempotency_key must be a non-empty str")
+            derived = saga_id_for(name, idempotency_key)
+            if saga_id is not None and saga_id != derived:
+                raise ValueError("give saga_id or idempotency_key, not both")
+            saga_id = derived
+        saga_id = saga_id or uuid.uuid4().hex
+        value = messages.encode("start", saga_id, trace, saga=name, data=data or {},
+                                idempotency_key=idempotency_key)
+        await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+                                          key=saga_id.encode())
+        return saga_id
+
+    async def start_many(self, saga: str | Saga, items: list[dict[str, Any]]) -> list[str]:
+        """Publish many starts, waiting for the broker once; returns their saga ids."""
+        name = saga.name if isinstance(saga, Saga) else saga
+        ids, futures = [], []
+        for data in items:
+            sid = uuid.uuid4().hex
+            value = messages.encode("start", sid, None, saga=name, data=data,
+                                    idempotency_key=None)
+            futures.append(await self.producer.send(f"{self.prefix}.commands", value,
+                                                    key=sid.encode()))
+            ids.append(sid)
+        await asyncio.gather(*futures)
+        return ids
+
+    async def cancel(self, saga_id: str, reason: str = "cancelled by client",
+                     request_id: str | None = None) -> None:
+        value = messages.encode("cancel", saga_id, reason=reason,
+                                request_id=request_id or uuid.uuid4().hex)
+        await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+                                          key=saga_id.encode())
+
+    async def wait(self, saga_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The outcome message of a saga (status, error, data, results)."""
+        if not self.listen:
+            raise RuntimeError("this client was made with listen=False")
+        if saga_id in self._outcomes:
+            return self._outcomes[saga_id]
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(saga_id, []).append(fut)
+        return await asyncio.wait_for(fut, timeout)
+
+    # -- queries (HTTP on any worker)
+
+    async def status(self, saga_id: str) -> dict[str, Any] | None:
+        return await self._get(f"/sagas/{saga_id}")
+
+    async def list(self, *, status: str | None = None, name: str | None = None,
+                   limit: int = 100) -> dict[str, Any] | None:
+        query = {k: v for k, v in (("status", status), ("name", name)) if v}
+        query["limit"] = str(limit)
+        return await self._get("/sagas", query)
+
+    async def _get(self, path: str, query: dict[str, str] | None = None) -> Any:
+        if self.url is None:
+            raise RuntimeError("give the client url= (a worker's http address) for queries")
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.get(
+                self.url + path, params=query) as resp:
+            body = orjson.loads(await resp.read())
+            if resp.status == 404:
+                return None
+            if resp.status >= 400:
+                raise RuntimeError(f"GET {path} -> {resp.status}: {body.get('error')}")
+            return body
+
+
+def _tp(topic: str, partition: int) -> Any:
+    from aiokafka import TopicPartition
+
+    return TopicPartition(topic, partition)

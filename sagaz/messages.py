@@ -1,0 +1,81 @@
+"""The messages sagaz sends over Kafka: a versioned orjson envelope, strictly validated.
+
+Every message is keyed by saga id. ``decode`` returns a dict whose fields are checked for
+presence and type, or raises MessageError with a reason fit for a dead-letter record.
+
+    start       client -> orchestrator   saga, data, idempotency_key
+    cancel      client -> orchestrator   reason, request_id
+    run         orchestrator -> participant   saga, step, attempt, command_id, data, results
+    compensate  orchestrator -> participant   (same fields as run)
+    result      participant -> orchestrator   command_id, step, attempt, action, ok, result,
+                                              error, retryable, set (context keys it set)
+    timer       orchestrator -> itself        key, due
+    outcome     orchestrator -> clients       saga, status, error, failed_step, data, results
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+VERSION = 1
+
+
+class MessageError(ValueError):
+    """A message that cannot be processed; the text is the dead-letter reason."""
+
+
+_STR, _INT, _NUM, _BOOL, _DICT, _ANY = str, int, (int, float), bool, dict, object
+_OPT_STR = (str, type(None))
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "start": {"saga": _STR, "data": _DICT, "idempotency_key": _OPT_STR},
+    "cancel": {"reason": _STR, "request_id": _STR},
+    "run": {"saga": _STR, "step": _STR, "attempt": _INT, "command_id": _STR, "data": _DICT,
+            "results": _DICT},
+    "compensate": {"saga": _STR, "step": _STR, "attempt": _INT, "command_id": _STR,
+                   "data": _DICT, "results": _DICT},
+    "result": {"command_id": _STR, "step": _STR, "attempt": _INT, "action": _STR, "ok": _BOOL,
+               "result": _ANY, "error": _OPT_STR, "retryable": _BOOL, "set": _DICT},
+    "timer": {"key": _STR, "due": _NUM},
+    "outcome": {"saga": _STR, "status": _STR, "error": _OPT_STR, "failed_step": _OPT_STR,
+                "data": _DICT, "results": _DICT},
+}
+
+
+def encode(type_: str, saga_id: str, trace: dict[str, str] | None = None, **fields: Any) -> bytes:
+    body = {"v": VERSION, "type": type_, "saga_id": saga_id, **fields}
+    if trace:
+        body["trace"] = trace
+    return orjson.dumps(body)
+
+
+def decode(raw: bytes | None, *, expect: frozenset[str] | None = None) -> dict[str, Any]:
+    if raw is None:
+        raise MessageError("empty message (no value)")
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise MessageError(f"envelope must be a JSON object, got {type(msg).__name__}")
+    if msg.get("v") != VERSION:
+        raise MessageError(f"unsupported envelope version {msg.get('v')!r} (expected {VERSION})")
+    type_ = msg.get("type")
+    schema = SCHEMA.get(type_)  # type: ignore[arg-type]
+    if schema is None or (expect is not None and type_ not in expect):
+        allowed = sorted(expect if expect is not None else SCHEMA)
+        raise MessageError(f"unexpected message type {type_!r} (expected one of {allowed})")
+    sid = msg.get("saga_id")
+    if not isinstance(sid, str) or not sid:
+        raise MessageError("saga_id must be a non-empty string")
+    for name, kind in schema.items():
+        if name not in msg:
+            raise MessageError(f"{type_} message lacks field {name!r}")
+        value = msg[name]
+        if kind is not _ANY and (not isinstance(value, kind) or (
+                kind in (_INT, _NUM) and isinstance(value, bool))):
+            raise MessageError(f"{type_} field {name!r} has the wrong type "
+                               f"({type(value).__name__})")
+    return msg

@@ -1,0 +1,153 @@
+"""A participant service: runs the steps and compensations the orchestrator sends it.
+
+    participant = Participant("payments", [order_saga], bootstrap="127.0.0.1:9092")
+    await participant.run()          # until participant.stop()
+
+It consumes ``{prefix}.participant.{service}``, runs the step's own function from the same
+``Saga`` definition the in-process engine uses (steps whose ``participant`` is this service;
+a step without one belongs to the service named after its saga), and publishes the result,
+keyed by saga id, to ``{prefix}.results``. A command id it has answered before is answered
+again from its inbox without running the step. Offsets are committed only after the replies
+of a batch are acknowledged by the broker, so a crash repeats replies, never loses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from sagaz import messages
+from sagaz.context import SagaContext
+from sagaz.definition import Saga, Step
+from sagaz.inbox import Inbox, MemoryInbox
+from sagaz.messages import MessageError
+
+log = logging.getLogger("sagaz.participant")
+
+_COMMANDS = frozenset({"run", "compensate"})
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Participant:
+    def __init__(self, service: str, sagas: Iterable[Saga], *, bootstrap: str,
+                 prefix: str = "sagaz", inbox: Inbox | None = None,
+                 max_batch: int = 500) -> None:
+        if not service or not all(c.isalnum() or c in "._-" for c in service):
+            raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
+        self.service = service
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.topic = f"{prefix}.participant.{service}"
+        self.results_topic = f"{prefix}.results"
+        self.dead_letters = f"{prefix}.dead-letters"
+        self.inbox: Inbox = inbox if inbox is not None else MemoryInbox()
+        self.max_batch = max_batch
+        self.steps: dict[tuple[str, str], Step] = {}
+        for saga in sagas:
+            saga.validate()
+            for step in saga.steps.values():
+                if (step.participant or saga.name) == service:
+                    if step.action is None:
+                        raise ValueError(f"step {step.name!r} of saga {saga.name!r} is bound "
+                                         f"to {service!r} but has no action to run")
+                    self.steps[(saga.name, step.name)] = step
+        if not self.steps:
+            raise ValueError(f"none of the given sagas has a step for service {service!r}")
+        self._stopping = asyncio.Event()
+        self.consumer: Any = None
+        self.producer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
+                                         enable_idempotence=True, linger_ms=1)
+        self.consumer = AIOKafkaConsumer(
+            self.topic, bootstrap_servers=self.bootstrap,
+            group_id=f"{self.prefix}.participant.{self.service}",
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            max_poll_records=self.max_batch)
+        await self.producer.start()
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve commands until ``stop()``; starts and stops its own Kafka clients."""
+        await self.start()
+        try:
+            while not self._stopping.is_set():
+                batches = await self.consumer.getmany(timeout_ms=100,
+                                                      max_records=self.max_batch)
+                records = [r for rs in batches.values() for r in rs]
+                if records:
+                    await self.process(records)
+        finally:
+            await self.consumer.stop()
+            await self.producer.stop()
+
+    async def process(self, records: list[Any]) -> None:
+        replies = await asyncio.gather(*(self.handle(r) for r in records))
+        pending = [await self.producer.send(topic, value, key=key, headers=headers)
+                   for topic, key, value, headers in replies]
+        await asyncio.gather(*pending)  # every reply acknowledged before committing
+        await self.consumer.commit()
+
+    async def handle(self, record: Any) -> tuple[str, bytes | None, bytes | None, list[Any]]:
+        try:
+            msg = messages.decode(record.value, expect=_COMMANDS)
+        except MessageError as exc:
+            log.warning("dead-lettering %s@%s: %s", record.topic, record.offset, exc)
+            return (self.dead_letters, record.key, record.value,
+                    [("sagaz-reason", str(exc).encode()),
+                     ("sagaz-source", f"{record.topic}:{record.partition}:{record.offset}"
+                      .encode())])
+        saga_id, command_id = msg["saga_id"], msg["command_id"]
+        key = saga_id.encode()
+        recorded = await self.inbox.get(self.service, command_id)
+        if recorded is not None:
+            return self.results_topic, key, recorded, []
+        reply = await self.execute(msg)
+        await self.inbox.put(self.service, command_id, reply)
+        return self.results_topic, key, reply, []
+
+    async def execute(self, msg: dict[str, Any]) -> bytes:
+        action = msg["type"]
+        step = self.steps.get((msg["saga"], msg["step"]))
+        ok, result, error, retryable, changed = False, None, None, False, {}
+        if step is None:
+            error = f"participant {self.service!r} has no step {msg['step']!r} of saga " \
+                    f"{msg['saga']!r}"
+        else:
+            fn = step.action if action == "run" else step.compensation_fn
+            policy = step.retry if action == "run" else step.compensation_retry
+            ctx = SagaContext(msg["saga_id"], msg["saga"])
+            ctx.data, ctx.results = msg["data"], msg["results"]  # came as JSON: valid
+            before = dict(ctx.data)
+            try:
+                if fn is None:
+                    raise RuntimeError(f"step {step.name!r} has no compensation")
+                result = await fn(ctx)  # type: ignore[misc]
+                ok = True
+            except Exception as exc:
+                error, retryable = _describe(exc), policy.retryable(exc)
+            if ok:
+                changed = {k: v for k, v in ctx.data.items()
+                           if k not in before or before[k] != v}
+                try:
+                    orjson.dumps([result, changed])
+                except TypeError as exc:
+                    ok, result, changed = False, None, {}
+                    error = f"result of step {step.name!r} is not serialisable: {exc}"
+        return messages.encode("result", msg["saga_id"], command_id=msg["command_id"],
+                               step=msg["step"], attempt=msg["attempt"], action=action,
+                               ok=ok, result=result, error=error, retryable=retryable,
+                               set=changed)

@@ -1,0 +1,222 @@
+"""The Faust application: the orchestrator agent, its RocksDB saga table, timers and views.
+
+Inputs (commands, step results, timer events) are three topics keyed by saga id and
+co-partitioned with the ``sagas`` table changelog; one agent consumes all three in
+batches. Faust scopes table reads and writes to the partition of the "current event", so
+the agent sets it to each message of a batch before touching that message's saga row.
+
+The agent runs at least once; ``streams.orchestrator`` explains why no effect repeats.
+Every input ends in exactly one place: applied, ignored as stale (the machine's rule),
+re-emitted as a duplicate, or sent to the dead-letter topic with the reason in a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from sagaz.definition import Saga
+from sagaz.topics import ensure_topics
+from streams.config import Settings
+from streams.orchestrator import Orchestrator, Topics
+from streams.timers import TimerIndex
+
+log = logging.getLogger("sagaz.streams")
+
+# Per-partition RocksDB: faust's defaults (2 GiB block cache, 3 x 64 MiB write buffers per
+# partition database) do not fit a small worker.
+ROCKSDB_OPTIONS = {"block_cache_size": 16 << 20, "write_buffer_size": 8 << 20,
+                   "max_write_buffer_number": 2, "max_open_files": 256}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events = Counter("sagaz_stream_events", "Input messages by outcome",
+                              ["outcome"], registry=self.registry)
+        self.finished = Counter("sagaz_stream_sagas_finished", "Sagas reaching an end",
+                                ["saga", "status"], registry=self.registry)
+        self.batch = Histogram("sagaz_stream_batch_seconds", "Time to process one batch",
+                               registry=self.registry,
+                               buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1))
+        self.timers = Counter("sagaz_stream_timers_fired", "Timer events sent",
+                              registry=self.registry)
+
+
+class OrchestratorApp:
+    """One orchestrator worker. ``app`` is the Faust app; ``start``/``stop`` run it here."""
+
+    def __init__(self, settings: Settings, sagas: list[Saga] | None = None) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.prefix)
+        self.orchestrator = Orchestrator(sagas if sagas is not None else settings.load_sagas(),
+                                         self.topics, inbox_size=settings.inbox_size)
+        self.timers = TimerIndex()
+        self.metrics = Metrics()
+        self._assignment: frozenset[Any] | None = None
+        n = settings.partitions
+        self.app = app = faust.App(
+            f"{settings.prefix}-orchestrator",
+            broker=f"kafka://{settings.bootstrap}",
+            store="rocksdb://",
+            datadir=str(settings.tabledir),
+            topic_partitions=n,
+            processing_guarantee="at_least_once",
+            consumer_auto_offset_reset="earliest",
+            producer_linger=settings.producer_linger,
+            broker_commit_interval=settings.commit_interval,
+            stream_wait_empty=False,
+            web_enabled=True,
+            web_host=settings.web_host,
+            web_bind=settings.web_host,
+            web_port=settings.web_port,
+            canonical_url=f"http://{settings.web_host}:{settings.web_port}",
+            web_tables_enabled=False,  # saga rows are served by our views only
+            table_cleanup_interval=3600,
+            **settings.extra,
+        )
+        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+               "value_serializer": "raw"}
+        self.inputs = app.topic(*self.topics.inputs, partitions=n, **raw)
+        # bytes in, bytes out: rows are orjson documents that the agent encodes itself
+        self.table = app.Table("sagas", partitions=n, options=ROCKSDB_OPTIONS,
+                               key_type=bytes, value_type=bytes)
+        app.agent(self.inputs, name="orchestrate")(self._agent)
+        app.timer(interval=settings.timer_interval)(self._fire_timers)
+        from streams.views import register
+
+        register(self)
+
+    @property
+    def changelog_topic(self) -> str:
+        return f"{self.app.conf.id}-sagas-changelog"
+
+    # -- start-up checks
+
+    async def declare_topics(self) -> None:
+        """Create the topics; refuse to run when a co-partitioned one has another count."""
+        n = self.settings.partitions
+        await ensure_topics(self.settings.bootstrap, dict.fromkeys(self.topics.inputs, n))
+        await ensure_topics(self.settings.bootstrap, {
+            self.topics.outcomes: n, self.topics.dead_letters: n,
+            **{self.topics.participant(p): n for p in self.orchestrator.participants()},
+        }, check=False)
+        # Faust creates the changelog (compacted) itself; only its count is checked here.
+        await ensure_topics(self.settings.bootstrap, {self.changelog_topic: n}, create=False)
+
+    async def start(self) -> None:
+        await self.declare_topics()
+        await self.app.start()
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+    def ready(self) -> bool:
+        app = self.app
+        return bool(app.started and not app.rebalancing
+                    and app.tables.recovery.completed.is_set())
+
+    # -- the agent
+
+    async def _agent(self, stream: Any) -> None:
+        async for events in stream.take_events(self.settings.batch_size,
+                                               within=self.settings.batch_wait):
+            t0 = time.perf_counter()
+            await self.process_batch(events)
+            self.metrics.batch.observe(time.perf_counter() - t0)
+
+    async def process_batch(self, events: list[Any]) -> None:
+        producer = self.app.producer
+        table, orch, metrics = self.table, self.orchestrator, self.metrics
+        for event in events:
+            token = _current_event.set(weakref.ref(event))  # table partition = this message's
+            message = event.message
+            try:
+                out = orch.process(message.topic, event.key, event.value,
+                                   table.get(event.key), time.time())
+                if out.dead_letter is not None:
+                    await self.dead_letter(message, out.dead_letter)
+                    continue
+                if out.row is not None:
+                    table[event.key] = out.row
+                    metrics.events.labels("applied").inc()
+                else:
+                    metrics.events.labels("repeated" if out.sends else "stale").inc()
+                if out.timers:
+                    self.timers.arm(event.key.decode(), out.timers)
+                for topic, key, value in out.sends:
+                    await producer.send(topic, key, value, None, None, None)
+                    if topic == self.topics.outcomes and out.row is not None:
+                        self._count_finished(value)
+            except Exception as exc:  # never let faust ack and drop it silently
+                log.exception("processing %s:%s@%s failed", message.topic, message.partition,
+                              message.offset)
+                await self.dead_letter(message, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                _current_event.reset(token)
+
+    async def dead_letter(self, message: Any, reason: str) -> None:
+        self.metrics.events.labels("dead_letter").inc()
+        log.warning("dead-lettering %s:%s@%s: %s", message.topic, message.partition,
+                    message.offset, reason)
+        headers = [("sagaz-reason", reason.encode()),
+                   ("sagaz-source", f"{message.topic}:{message.partition}:{message.offset}"
+                    .encode())]
+        await self.app.producer.send(self.topics.dead_letters, message.key, message.value,
+                                     None, None, headers)
+
+    def _count_finished(self, value: bytes) -> None:
+        import orjson
+
+        doc = orjson.loads(value)
+        self.metrics.finished.labels(doc["saga"], doc["status"]).inc()
+
+    # -- timers
+
+    async def _fire_timers(self) -> None:
+        if not self.ready():
+            return
+        assignment = frozenset(self.app.consumer.assignment())
+        if assignment != self._assignment:
+            self._assignment = assignment
+            self.rebuild_timers()
+        due = self.timers.due(time.time())
+        if not due:
+            return
+        from sagaz import messages
+
+        producer = self.app.producer
+        for due_at, saga_id, key in due:
+            await producer.send(self.topics.timers, saga_id.encode(),
+                                messages.encode("timer", saga_id, key=key, due=due_at),
+                                None, None, None)
+        self.metrics.timers.inc(len(due))
+
+    def rebuild_timers(self) -> None:
+        """Scan the rows of this worker's active partitions for armed timers."""
+        import orjson
+
+        self.timers.clear()
+        count = 0
+        for key, row in self.table.items():
+            timers = orjson.loads(row)["state"]["timers"]
+            if timers:
+                self.timers.arm(key.decode(), [(due, k) for k, due in timers.items()])
+                count += 1
+        log.info("timer index rebuilt: %d sagas with armed timers", count)
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one orchestrator worker in this process until SIGINT/SIGTERM (the CLI's job)."""
+    oapp = OrchestratorApp(settings)
+    asyncio.run(oapp.declare_topics())
+    from faust.worker import Worker
+
+    Worker(oapp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

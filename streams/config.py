@@ -1,0 +1,126 @@
+"""Worker settings: from arguments or SAGAZ_* environment variables, each checked."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sagaz.definition import Saga
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap: str = "127.0.0.1:9092"
+    prefix: str = "sagaz"
+    partitions: int = 4
+    datadir: str = "var/sagaz"
+    worker_id: str = "1"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    sagas: tuple[str, ...] = ()  # "package.module" or "package.module:attribute"
+    batch_size: int = 500  # events per agent batch
+    batch_wait: float = 0.002  # seconds to fill a batch
+    timer_interval: float = 0.05  # seconds between timer scans
+    inbox_size: int = 64  # event ids kept per saga row
+    producer_linger: float = 0.001
+    commit_interval: float = 0.5
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to faust.App
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"setting {name} (SAGAZ_{name.upper()}) {why}, got "
+                               f"{getattr(self, name)!r}")
+
+        if not self.bootstrap or any(not h.rpartition(":")[2].isdigit()
+                                     for h in self.bootstrap.split(",")):
+            raise bad("bootstrap", "must be host:port[,host:port...]")
+        for name in ("partitions", "web_port", "batch_size", "inbox_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "must be an integer >= 1")
+        if self.web_port > 65535:
+            raise bad("web_port", "must be a TCP port")
+        for name in ("batch_wait", "timer_interval", "producer_linger", "commit_interval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 60:
+                raise bad(name, "must be a number of seconds between 0 and 60")
+        if self.timer_interval == 0 or self.commit_interval == 0:
+            raise ConfigError("timer_interval and commit_interval must be > 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise bad("log_level", "must be debug, info, warning, error or critical")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        if "KAFKA_BOOTSTRAP_SERVERS" in env:
+            values["bootstrap"] = env["KAFKA_BOOTSTRAP_SERVERS"]
+        for f in fields(cls):
+            raw = env.get(f"SAGAZ_{f.name.upper()}")
+            if raw is None or f.name == "extra":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("sagas"), str):
+            values["sagas"] = _split(values["sagas"])
+        return cls(**values)
+
+    @property
+    def tabledir(self) -> Path:
+        return Path(self.datadir) / f"worker-{self.worker_id}"
+
+    def load_sagas(self) -> list[Saga]:
+        return load_sagas(self.sagas)
+
+
+def _split(raw: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"SAGAZ_{name.upper()} must be a number, got {raw!r}") from None
+    if kind.startswith("tuple"):
+        return _split(raw)
+    return raw
+
+
+def load_sagas(specs: tuple[str, ...] | list[str]) -> list[Saga]:
+    """Import saga definitions: every Saga in a module, or one attribute (Saga or list)."""
+    if not specs:
+        raise ConfigError("no saga definitions given: pass --sagas package.module "
+                          "(or set SAGAZ_SAGAS)")
+    found: list[Saga] = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import saga module {module_name!r}: {exc}") from None
+        if attr:
+            try:
+                obj = getattr(module, attr)
+            except AttributeError:
+                raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+            objs = obj if isinstance(obj, (list, tuple)) else [obj]
+        else:
+            objs = [v for v in vars(module).values() if isinstance(v, Saga)]
+        sagas = [o for o in objs if isinstance(o, Saga)]
+        if not sagas or len(sagas) != len(objs):
+            raise ConfigError(f"{spec!r} names no Saga definitions")
+        found.extend(s for s in sagas if s not in found)
+    return found

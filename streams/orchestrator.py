@@ -1,0 +1,233 @@
+"""What the orchestrator does with one input message, without Kafka or Faust.
+
+``Orchestrator.process`` takes the message, the saga's current row (bytes, from the
+``sagas`` table) and the time, feeds the state machine and returns the new row, the
+messages to send, the timers to arm, or the reason to dead-letter the input. The Faust
+agent (streams/app.py) only moves bytes between Kafka, the table and this function.
+
+Effectively once, over at-least-once delivery:
+- The row keeps the ids of the last events it applied (its inbox) next to the state, in
+  one value, so one changelog record carries both: they cannot disagree after a crash.
+- A repeated input (its id is in the inbox) changes nothing and re-emits every command
+  still in flight (``machine.resume``): if a crash lost the commands of the first delivery,
+  they go out now; if not, participants drop them by command id.
+- Any other stale input (old attempt, disarmed timer, finished saga) is ignored by the
+  machine itself.
+- Faust commits an input offset only after flushing the producer, so a committed input's
+  row update and commands were all written; an uncommitted one is delivered again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import orjson
+
+from sagaz import machine as m
+from sagaz import messages
+from sagaz.definition import Saga
+from sagaz.machine import Plan, SagaState
+from sagaz.messages import MessageError
+
+ROW_VERSION = 1
+
+
+class Topics:
+    """Topic names of one sagaz deployment, all derived from a prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        if not prefix or not all(c.isalnum() or c in "._-" for c in prefix):
+            raise ValueError(f"topic prefix must be non-empty [A-Za-z0-9._-], got {prefix!r}")
+        self.prefix = prefix
+        self.commands = f"{prefix}.commands"
+        self.results = f"{prefix}.results"
+        self.timers = f"{prefix}.timers"
+        self.outcomes = f"{prefix}.outcomes"
+        self.dead_letters = f"{prefix}.dead-letters"
+
+    @property
+    def inputs(self) -> tuple[str, str, str]:
+        return (self.commands, self.results, self.timers)
+
+    def participant(self, service: str) -> str:
+        return f"{self.prefix}.participant.{service}"
+
+
+class Output(NamedTuple):
+    row: bytes | None  # the new row to write; None: unchanged
+    sends: list[tuple[str, bytes, bytes]]  # (topic, key, value)
+    timers: list[tuple[float, str]]  # (due, timer key) to arm
+    dead_letter: str | None  # reason, when the input is rejected
+
+
+_EXPECT = {
+    "commands": frozenset({"start", "cancel"}),
+    "results": frozenset({"result"}),
+    "timers": frozenset({"timer"}),
+}
+
+
+def participant_of(saga: Saga, step: str) -> str:
+    """The service that runs a step: its ``participant``, else one named after the saga."""
+    return saga.steps[step].participant or saga.name
+
+
+class Orchestrator:
+    def __init__(self, sagas: Iterable[Saga], topics: Topics, *, inbox_size: int = 64) -> None:
+        self.topics = topics
+        self.inbox_size = inbox_size
+        self.sagas: dict[str, tuple[Saga, Plan]] = {}
+        for saga in sagas:
+            if saga.name in self.sagas:
+                raise ValueError(f"two saga definitions are named {saga.name!r}")
+            self.sagas[saga.name] = (saga, saga.plan)
+        self._expect = {getattr(topics, k): v for k, v in _EXPECT.items()}
+
+    def view(self, row: bytes) -> dict[str, Any]:
+        """The JSON a web view returns for a saga row."""
+        doc = orjson.loads(row)
+        state = SagaState.from_dict(doc["state"])
+        entry = self.sagas.get(doc["saga"])
+        names = [sp.name for sp in entry[1].steps] if entry else [
+            f"#{i}" for i in range(len(state.steps))]
+        return {"saga_id": state.saga_id, "saga": doc["saga"], "status": state.status.value,
+                "error": state.failure, "failed_step": state.failed_step,
+                "started_at": state.started_at, "updated_at": state.updated_at,
+                "ended_at": state.ended_at, "idempotency_key": doc["key"],
+                "data": doc["data"], "results": doc["results"],
+                "steps": [step_view(n, st) for n, st in zip(names, state.steps, strict=True)]}
+
+    def participants(self) -> set[str]:
+        return {participant_of(s, n) for s, _ in self.sagas.values() for n in s.steps}
+
+    # -- one message
+
+    def process(self, topic: str, key: bytes | None, value: bytes | None, row: bytes | None,
+                now: float) -> Output:
+        try:
+            msg = messages.decode(value, expect=self._expect.get(topic))
+            saga_id = msg["saga_id"]
+            if key is None or key.decode("utf-8", "replace") != saga_id:
+                raise MessageError(f"message key {key!r} is not the saga id {saga_id!r}: saga "
+                                   f"messages must be keyed by saga id")
+            if msg["type"] == "start":
+                return self._start(msg, row, now)
+            if row is None:
+                raise MessageError(f"no saga {saga_id!r} here (never started, or its start "
+                                   f"has not been processed)")
+            return self._event(msg, orjson.loads(row), now)
+        except MessageError as exc:
+            return Output(None, [], [], str(exc))
+
+    def _start(self, msg: dict[str, Any], row: bytes | None, now: float) -> Output:
+        if row is not None:  # idempotent start: same saga id, same saga
+            return self._repeat(orjson.loads(row))
+        entry = self.sagas.get(msg["saga"])
+        if entry is None:
+            raise MessageError(f"unknown saga definition {msg['saga']!r}; this worker has "
+                               f"{sorted(self.sagas)}")
+        saga, plan = entry
+        state, cmds = m.start(plan, msg["saga_id"], now)
+        doc = {"v": ROW_VERSION, "saga": saga.name, "state": None, "data": msg["data"],
+               "results": {}, "inbox": ["start"], "key": msg["idempotency_key"]}
+        return self._commit(saga, plan, doc, state, cmds)
+
+    def _event(self, msg: dict[str, Any], doc: dict[str, Any], now: float) -> Output:
+        entry = self.sagas.get(doc["saga"])
+        if entry is None:
+            raise MessageError(f"saga {msg['saga_id']!r} is a {doc['saga']!r}, which this "
+                               f"worker does not define")
+        saga, plan = entry
+        event_id, event, result = self._to_event(msg, plan, doc)
+        if event_id in doc["inbox"]:
+            return self._repeat(doc)
+        state = SagaState.from_dict(doc["state"])
+        seq = state.seq
+        _, cmds = m.handle(plan, state, event, now)
+        if state.seq == seq:
+            return Output(None, [], [], None)  # stale: the machine ignored it
+        if isinstance(event, m.StepSucceeded):
+            if result is not None:
+                doc["results"][event.step] = result
+            doc["data"].update(msg["set"])  # context keys the step set, as in-process
+        inbox = doc["inbox"]
+        inbox.append(event_id)
+        del inbox[:-self.inbox_size]
+        return self._commit(saga, plan, doc, state, cmds)
+
+    @staticmethod
+    def _to_event(msg: dict[str, Any], plan: Plan, doc: dict[str, Any]) -> tuple[str, Any, Any]:
+        kind = msg["type"]
+        if kind == "cancel":
+            return f"cancel|{msg['request_id']}", m.CancelRequested(msg["reason"]), None
+        if kind == "timer":
+            return f"timer|{msg['key']}", m.TimerFired(msg["key"]), None
+        step, attempt, action = msg["step"], msg["attempt"], msg["action"]
+        if step not in plan.index:
+            raise MessageError(f"saga {doc['saga']!r} has no step {step!r}")
+        if action not in ("run", "compensate"):
+            raise MessageError(f"result action must be 'run' or 'compensate', got {action!r}")
+        expected = m.command_id(msg["saga_id"], step, attempt, action)
+        if msg["command_id"] != expected:
+            raise MessageError(f"command_id {msg['command_id']!r} does not match "
+                               f"{expected!r}")
+        event_id = f"{expected}|{'ok' if msg['ok'] else 'error'}"
+        error = msg["error"] or "failed"
+        if action == "run":
+            if msg["ok"]:
+                return event_id, m.StepSucceeded(step, attempt), msg["result"]
+            return event_id, m.StepFailed(step, attempt, error, msg["retryable"]), None
+        if msg["ok"]:
+            return event_id, m.CompensationSucceeded(step, attempt), None
+        return event_id, m.CompensationFailed(step, attempt, error, msg["retryable"]), None
+
+    def _repeat(self, doc: dict[str, Any]) -> Output:
+        """A repeated input: re-emit what is in flight; the row is unchanged."""
+        saga, plan = self.sagas[doc["saga"]]
+        state = SagaState.from_dict(doc["state"])
+        sends, timers = self._translate(saga, doc, state, m.resume(plan, state))
+        return Output(None, sends, timers, None)
+
+    def _commit(self, saga: Saga, plan: Plan, doc: dict[str, Any], state: SagaState,
+                cmds: list[Any]) -> Output:
+        doc["state"] = state.to_dict()
+        sends, timers = self._translate(saga, doc, state, cmds)
+        return Output(orjson.dumps(doc), sends, timers, None)
+
+    def _translate(self, saga: Saga, doc: dict[str, Any], state: SagaState,
+                   cmds: list[Any]) -> tuple[list[tuple[str, bytes, bytes]],
+                                             list[tuple[float, str]]]:
+        sends: list[tuple[str, bytes, bytes]] = []
+        timers: list[tuple[float, str]] = []
+        key = state.saga_id.encode()
+        for cmd in cmds:
+            kind = type(cmd)
+            if kind is m.RunStep or kind is m.RunCompensation:
+                sends.append((self.topics.participant(participant_of(saga, cmd.step)), key,
+                              messages.encode(
+                                  "run" if kind is m.RunStep else "compensate", state.saga_id,
+                                  saga=saga.name, step=cmd.step, attempt=cmd.attempt,
+                                  command_id=cmd.command_id, data=doc["data"],
+                                  results=doc["results"])))
+            elif kind is m.ScheduleTimer:
+                timers.append((cmd.due, cmd.key))
+            elif kind is m.Finish:
+                sends.append((self.topics.outcomes, key, outcome_message(doc, state)))
+            # CancelStep/CancelCompensation: a remote attempt cannot be stopped; the machine
+            # runs with confirms_cancel=False and stops waiting for it. CancelTimer: a fired
+            # timer that is no longer armed is ignored.
+        return sends, timers
+
+
+def outcome_message(doc: dict[str, Any], state: SagaState) -> bytes:
+    return messages.encode("outcome", state.saga_id, saga=doc["saga"],
+                           status=state.status.value, error=state.failure,
+                           failed_step=state.failed_step, data=doc["data"],
+                           results=doc["results"])
+
+
+def step_view(name: str, st: m.StepState) -> dict[str, Any]:
+    return {"name": name, "status": st.status.value, "attempts": st.attempt,
+            "compensation_attempts": st.comp_attempt, "started_at": st.started_at,
+            "ended_at": st.ended_at, "error": st.error, "compensation_error": st.comp_error}

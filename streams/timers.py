@@ -1,0 +1,41 @@
+"""The worker's index of armed saga timers: a heap, fed by the agent, rebuilt by a scan.
+
+Timers live in the saga state (durable). This index only says when to look: it may hold
+timers that were disarmed since, or that belong to partitions moved elsewhere; firing one of
+those sends a timer event that the machine ignores. After a rebalance or a restart the index
+is rebuilt by scanning the rows of the partitions this worker now owns.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+
+class TimerIndex:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str, str]] = []
+        self._armed: set[tuple[str, str]] = set()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def arm(self, saga_id: str, timers: Iterable[tuple[float, str]]) -> None:
+        for due, key in timers:
+            if (saga_id, key) not in self._armed:
+                self._armed.add((saga_id, key))
+                heapq.heappush(self._heap, (due, saga_id, key))
+
+    def due(self, now: float, limit: int = 10_000) -> list[tuple[float, str, str]]:
+        """Pop (due, saga_id, key) of every timer due by now (at most limit)."""
+        out: list[tuple[float, str, str]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(out) < limit:
+            entry = heapq.heappop(heap)
+            self._armed.discard((entry[1], entry[2]))
+            out.append(entry)
+        return out
+
+    def clear(self) -> None:
+        self._heap.clear()
+        self._armed.clear()
