@@ -109,18 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60.0)
     s.set_defaults(fn=cmd_start)
 
-    url = {"default": os.environ.get("SAGAZ_URL", "http://127.0.0.1:6066"),
-           "help": "a worker's HTTP address (default: $SAGAZ_URL or http://127.0.0.1:6066)"}
+    url_default = os.environ.get("SAGAZ_URL", "http://127.0.0.1:6066")
+    url_help = "a worker's HTTP address (default: $SAGAZ_URL or http://127.0.0.1:6066)"
     st = sub.add_parser("status", help="show one saga")
     st.add_argument("saga_id")
-    st.add_argument("--url", **url)
+    st.add_argument("--url", default=url_default, help=url_help)
     st.set_defaults(fn=lambda a: _query(a, "status", a.saga_id))
 
     ls = sub.add_parser("list", help="list sagas (of the worker asked)")
     ls.add_argument("--status")
     ls.add_argument("--name")
     ls.add_argument("--limit", type=int, default=20)
-    ls.add_argument("--url", **url)
+    ls.add_argument("--url", default=url_default, help=url_help)
     ls.set_defaults(fn=lambda a: _query(a, "list", status=a.status, name=a.name,
                                         limit=a.limit))
 

@@ -218,7 +218,9 @@ class Saga:
             compensation_retry={n: s.compensation_retry for n, s in steps.items()},
             timeout={n: s.timeout for n, s in steps.items()},
             compensation_timeout={n: s.compensation_timeout for n, s in steps.items()},
-            has_compensation={n: s.compensation_fn is not None or s.participant is not None
+            # A step defined only by name (action=None) runs elsewhere: its participant is
+            # assumed to know how to undo it. Otherwise the definition says.
+            has_compensation={n: s.compensation_fn is not None or s.action is None
                               for n, s in steps.items()},
             strategy=self.failure_strategy, grace_period=self.grace_period,
             deadline=self.timeout, compensate_started=self.compensate_started,

@@ -61,6 +61,7 @@ class Participant:
         if not self.steps:
             raise ValueError(f"none of the given sagas has a step for service {service!r}")
         self._stopping = asyncio.Event()
+        self._running: dict[str, asyncio.Future[bytes]] = {}  # command id -> its reply
         self.consumer: Any = None
         self.producer: Any = None
 
@@ -112,11 +113,24 @@ class Participant:
                       .encode())])
         saga_id, command_id = msg["saga_id"], msg["command_id"]
         key = saga_id.encode()
+        running = self._running.get(command_id)
+        if running is not None:  # the same command is being run right now: share its reply
+            return self.results_topic, key, await asyncio.shield(running), []
         recorded = await self.inbox.get(self.service, command_id)
         if recorded is not None:
             return self.results_topic, key, recorded, []
-        reply = await self.execute(msg)
-        await self.inbox.put(self.service, command_id, reply)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._running[command_id] = fut
+        try:
+            reply = await self.execute(msg)
+            await self.inbox.put(self.service, command_id, reply)
+            fut.set_result(reply)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: a waiting duplicate re-raises it
+            raise
+        finally:
+            del self._running[command_id]
         return self.results_topic, key, reply, []
 
     async def execute(self, msg: dict[str, Any]) -> bytes:
@@ -135,7 +149,7 @@ class Participant:
             try:
                 if fn is None:
                     raise RuntimeError(f"step {step.name!r} has no compensation")
-                result = await fn(ctx)  # type: ignore[misc]
+                result = await fn(ctx)
                 ok = True
             except Exception as exc:
                 error, retryable = _describe(exc), policy.retryable(exc)

@@ -72,6 +72,8 @@ class OrchestratorApp:
             consumer_auto_offset_reset="earliest",
             producer_linger=settings.producer_linger,
             broker_commit_interval=settings.commit_interval,
+            broker_session_timeout=settings.session_timeout,
+            broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
             stream_wait_empty=False,
             web_enabled=True,
             web_host=settings.web_host,
@@ -82,9 +84,9 @@ class OrchestratorApp:
             table_cleanup_interval=3600,
             **settings.extra,
         )
-        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
-               "value_serializer": "raw"}
-        self.inputs = app.topic(*self.topics.inputs, partitions=n, **raw)
+        self.inputs = app.topic(*self.topics.inputs, partitions=n, key_type=bytes,
+                                value_type=bytes, key_serializer="raw",
+                                value_serializer="raw")
         # bytes in, bytes out: rows are orjson documents that the agent encodes itself
         self.table = app.Table("sagas", partitions=n, options=ROCKSDB_OPTIONS,
                                key_type=bytes, value_type=bytes)
@@ -111,8 +113,13 @@ class OrchestratorApp:
         # Faust creates the changelog (compacted) itself; only its count is checked here.
         await ensure_topics(self.settings.bootstrap, {self.changelog_topic: n}, create=False)
 
-    async def start(self) -> None:
+    async def prepare(self) -> None:
+        """Everything a worker needs before Faust starts: its data directory and topics."""
+        self.settings.tabledir.mkdir(parents=True, exist_ok=True)
         await self.declare_topics()
+
+    async def start(self) -> None:
+        await self.prepare()
         await self.app.start()
 
     async def stop(self) -> None:
@@ -120,8 +127,8 @@ class OrchestratorApp:
 
     def ready(self) -> bool:
         app = self.app
-        return bool(app.started and not app.rebalancing
-                    and app.tables.recovery.completed.is_set())
+        recovery = app.tables.recovery  # type: ignore[attr-defined]
+        return bool(app.started and not app.rebalancing and recovery.completed.is_set())
 
     # -- the agent
 
@@ -216,7 +223,7 @@ class OrchestratorApp:
 def run_worker(settings: Settings) -> None:
     """Run one orchestrator worker in this process until SIGINT/SIGTERM (the CLI's job)."""
     oapp = OrchestratorApp(settings)
-    asyncio.run(oapp.declare_topics())
+    asyncio.run(oapp.prepare())
     from faust.worker import Worker
 
     Worker(oapp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

@@ -31,6 +31,8 @@ class Settings:
     inbox_size: int = 64  # event ids kept per saga row
     producer_linger: float = 0.001
     commit_interval: float = 0.5
+    # How long the group waits for a silent (crashed) worker before its partitions move.
+    session_timeout: float = 10.0
     log_level: str = "info"
     extra: dict[str, Any] = field(default_factory=dict)  # passed to faust.App
 
@@ -48,12 +50,15 @@ class Settings:
                 raise bad(name, "must be an integer >= 1")
         if self.web_port > 65535:
             raise bad("web_port", "must be a TCP port")
-        for name in ("batch_wait", "timer_interval", "producer_linger", "commit_interval"):
+        for name in ("batch_wait", "timer_interval", "producer_linger", "commit_interval",
+                     "session_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 60:
                 raise bad(name, "must be a number of seconds between 0 and 60")
         if self.timer_interval == 0 or self.commit_interval == 0:
             raise ConfigError("timer_interval and commit_interval must be > 0")
+        if self.session_timeout < 6:
+            raise bad("session_timeout", "must be at least 6 seconds (Kafka's group minimum)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise bad("log_level", "must be debug, info, warning, error or critical")
 

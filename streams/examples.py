@@ -2,11 +2,13 @@
 
 Each handler records its effect in ``LEDGER`` (per process), which the end-to-end tests read
 to check that every effect happened exactly once. An order whose data says ``decline``
-fails at payment for good, so its reservation is released.
+fails at payment for good, so its reservation is released. ``delay`` (seconds) makes each
+step take that long, to keep sagas in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from sagaz import Retry, Saga, SagaContext
@@ -23,6 +25,7 @@ order = Saga("order", timeout=60)
 
 @order.step(participant="inventory", retry=Retry(attempts=3, backoff=0.05))
 async def reserve_inventory(ctx: SagaContext) -> dict[str, str]:
+    await asyncio.sleep(ctx.get("delay", 0))
     LEDGER["reserve", ctx["order_id"]] += 1
     return {"reservation": f"r-{ctx['order_id']}"}
 
@@ -35,6 +38,7 @@ async def release_inventory(ctx: SagaContext) -> None:
 @order.step(participant="payment",
             retry=Retry(attempts=3, backoff=0.05, give_up_on=(PaymentDeclined,)))
 async def charge_payment(ctx: SagaContext) -> dict[str, object]:
+    await asyncio.sleep(ctx.get("delay", 0))
     if ctx.get("decline"):
         raise PaymentDeclined(f"card declined for order {ctx['order_id']}")
     LEDGER["charge", ctx["order_id"]] += 1
@@ -48,5 +52,6 @@ async def refund_payment(ctx: SagaContext) -> None:
 
 @order.step(participant="shipping")
 async def ship_order(ctx: SagaContext) -> dict[str, str]:
+    await asyncio.sleep(ctx.get("delay", 0))
     LEDGER["ship", ctx["order_id"]] += 1
     return {"tracking": f"t-{ctx['order_id']}"}

@@ -8,9 +8,11 @@ agent (streams/app.py) only moves bytes between Kafka, the table and this functi
 Effectively once, over at-least-once delivery:
 - The row keeps the ids of the last events it applied (its inbox) next to the state, in
   one value, so one changelog record carries both: they cannot disagree after a crash.
-- A repeated input (its id is in the inbox) changes nothing and re-emits every command
-  still in flight (``machine.resume``): if a crash lost the commands of the first delivery,
-  they go out now; if not, participants drop them by command id.
+- A repeated input (its id is in the inbox) changes nothing. If it repeats the last event
+  applied, a crash may have lost that event's commands (the row was written, they were
+  not), so every command still in flight is emitted again (``machine.resume``);
+  participants drop the ones they had by command id. Older repeats are dropped: later
+  inputs prove their commands went out.
 - Any other stale input (old attempt, disarmed timer, finished saga) is ignored by the
   machine itself.
 - Faust commits an input offset only after flushing the producer, so a committed input's
@@ -122,7 +124,7 @@ class Orchestrator:
 
     def _start(self, msg: dict[str, Any], row: bytes | None, now: float) -> Output:
         if row is not None:  # idempotent start: same saga id, same saga
-            return self._repeat(orjson.loads(row))
+            return self._repeat(orjson.loads(row), "start")
         entry = self.sagas.get(msg["saga"])
         if entry is None:
             raise MessageError(f"unknown saga definition {msg['saga']!r}; this worker has "
@@ -141,7 +143,7 @@ class Orchestrator:
         saga, plan = entry
         event_id, event, result = self._to_event(msg, plan, doc)
         if event_id in doc["inbox"]:
-            return self._repeat(doc)
+            return self._repeat(doc, event_id)
         state = SagaState.from_dict(doc["state"])
         seq = state.seq
         _, cmds = m.handle(plan, state, event, now)
@@ -182,12 +184,16 @@ class Orchestrator:
             return event_id, m.CompensationSucceeded(step, attempt), None
         return event_id, m.CompensationFailed(step, attempt, error, msg["retryable"]), None
 
-    def _repeat(self, doc: dict[str, Any]) -> Output:
-        """A repeated input: re-emit what is in flight; the row is unchanged."""
+    def _repeat(self, doc: dict[str, Any], event_id: str) -> Output:
+        """A repeated input changes nothing. Only a repeat of the last applied event can mean
+        its commands were lost (a crash after the row was written, before they were): then
+        re-emit what is in flight. A finished saga re-announces its outcome."""
         saga, plan = self.sagas[doc["saga"]]
         state = SagaState.from_dict(doc["state"])
-        sends, timers = self._translate(saga, doc, state, m.resume(plan, state))
-        return Output(None, sends, timers, None)
+        if state.terminal or doc["inbox"][-1] == event_id:
+            sends, timers = self._translate(saga, doc, state, m.resume(plan, state))
+            return Output(None, sends, timers, None)
+        return Output(None, [], [], None)
 
     def _commit(self, saga: Saga, plan: Plan, doc: dict[str, Any], state: SagaState,
                 cmds: list[Any]) -> Output:

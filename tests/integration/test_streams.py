@@ -1,0 +1,386 @@
+"""The Kafka orchestrator against a real broker: a Faust worker, participants, a client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from sagaz import DAGSaga, FailureStrategy, Retry, Saga, SagaContext
+from sagaz.client import SagaClient
+from sagaz.participant import Participant
+from sagaz.testing.kafka import free_port
+from sagaz.topics import TopicMismatch, ensure_topics
+from streams import examples
+from streams.app import OrchestratorApp
+from streams.config import Settings
+
+pytestmark = pytest.mark.kafka
+PARTITIONS = 4
+
+
+class Stack:
+    def __init__(self, bootstrap: str, prefix: str, datadir: str) -> None:
+        self.bootstrap, self.prefix, self.datadir = bootstrap, prefix, datadir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client: SagaClient = None  # type: ignore[assignment]
+        self.oapp: OrchestratorApp = None  # type: ignore[assignment]
+
+    def settings(self) -> Settings:
+        return Settings(bootstrap=self.bootstrap, prefix=self.prefix, partitions=PARTITIONS,
+                        datadir=self.datadir, web_port=self.port)
+
+
+@contextlib.asynccontextmanager
+async def stack(bootstrap: str, prefix: str, tmp_path: Any, sagas: list[Saga],
+                services: list[str]) -> AsyncIterator[Stack]:
+    st = Stack(bootstrap, prefix, str(tmp_path / "orchestrator"))
+    st.oapp = OrchestratorApp(st.settings(), sagas)
+    await st.oapp.start()
+    participants = [Participant(s, sagas, bootstrap=bootstrap, prefix=prefix) for s in services]
+    tasks = [asyncio.create_task(p.run()) for p in participants]
+    try:
+        async with asyncio.timeout(60):
+            while not st.oapp.ready():
+                await asyncio.sleep(0.05)
+        async with SagaClient(bootstrap, prefix=prefix, url=st.url) as client:
+            st.client = client
+            yield st
+    finally:
+        for p in participants:
+            await p.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await st.oapp.stop()
+
+
+async def dead_letters(bootstrap: str, prefix: str, expect: int,
+                       timeout: float = 20) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(f"{prefix}.dead-letters", bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest", group_id=f"{prefix}-dlq-reader")
+    await consumer.start()
+    got: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(got) < expect and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                got.extend(records)
+    finally:
+        await consumer.stop()
+    return got
+
+
+def orders(prefix: str, n: int, **data: Any) -> list[dict[str, Any]]:
+    return [{"order_id": f"{prefix}-{i}", "amount": 10 + i, **data} for i in range(n)]
+
+
+async def test_order_saga_completes_or_compensates_in_reverse_order(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],
+                     ["inventory", "payment", "shipping"]) as st:
+        ok = await st.client.start("order", {"order_id": f"{topic_prefix}-ok", "amount": 5})
+        bad = await st.client.start("order", {"order_id": f"{topic_prefix}-bad",
+                                              "decline": True})
+        done = await st.client.wait(ok, timeout=30)
+        failed = await st.client.wait(bad, timeout=30)
+        assert done["status"] == "completed"
+        assert done["results"]["ship_order"] == {"tracking": f"t-{topic_prefix}-ok"}
+        assert failed["status"] == "compensated" and failed["failed_step"] == "charge_payment"
+        assert "PaymentDeclined" in failed["error"]
+        ledger = examples.LEDGER
+        assert [ledger[e, f"{topic_prefix}-ok"] for e in ("reserve", "charge", "ship")] == [1, 1, 1]
+        assert [ledger[e, f"{topic_prefix}-bad"] for e in ("reserve", "release", "charge")] == \
+            [1, 1, 0]
+        view = await st.client.status(bad)
+        assert view is not None
+        assert [s["status"] for s in view["steps"]] == ["compensated", "failed", "skipped"]
+
+
+def _dag(strategy: FailureStrategy, log: list[str], **kw: Any) -> DAGSaga:
+    saga = DAGSaga(f"dag-{strategy.value}", failure_strategy=strategy, **kw)
+
+    def step(name: str, sleep: float = 0.0, fail: bool = False) -> Any:
+        async def run(ctx: SagaContext) -> str:
+            log.append(f"start {name}")
+            await asyncio.sleep(sleep)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+            log.append(f"done {name}")
+            return name
+
+        async def undo(ctx: SagaContext) -> None:
+            log.append(f"undo {name}")
+
+        return run, undo
+
+    saga.add_step("a", *step("a", sleep=0.3), participant="svc")
+    saga.add_step("b", *step("b", fail=True), participant="svc",
+                  retry=Retry(attempts=2, backoff=0.05))
+    saga.add_step("c", *step("c"), participant="svc")
+    saga.add_step("d", *step("d"), depends_on=["a", "b", "c"], participant="svc")
+    return saga
+
+
+@pytest.mark.parametrize("strategy", list(FailureStrategy))
+async def test_dag_runs_branches_in_parallel_and_each_strategy_compensates(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any,
+        strategy: FailureStrategy) -> None:
+    log: list[str] = []
+    extra = {"grace_period": 0.05} if strategy is FailureStrategy.FAIL_FAST_WITH_GRACE else {}
+    saga = _dag(strategy, log, **extra)
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [saga], ["svc"]) as st:
+        sid = await st.client.start(saga.name, {})
+        outcome = await st.client.wait(sid, timeout=30)
+    assert outcome["status"] == "compensated" and outcome["failed_step"] == "b"
+    # a, b and c started together; b failed twice; d never started
+    assert set(log[:3]) == {"start a", "start b", "start c"}
+    assert log.count("start b") == 2 and "start d" not in log
+    # a remote step cannot be cancelled: the orchestrator waits for a's real outcome and,
+    # since it completed, undoes it; c completed at once and is undone too
+    assert "done a" in log and log.index("done a") < log.index("undo a")
+    assert sorted(x for x in log if x.startswith("undo")) == ["undo a", "undo c"]
+
+
+async def test_retries_timeouts_and_deadline_through_kafka(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    calls: Counter[str] = Counter()
+    undone: list[str] = []
+
+    async def flaky(ctx: SagaContext) -> int:
+        calls["flaky", ctx.saga_id] += 1
+        if calls["flaky", ctx.saga_id] < 3:
+            raise ConnectionError("transient")
+        return calls["flaky", ctx.saga_id]
+
+    async def first(ctx: SagaContext) -> str:
+        return "first"
+
+    async def undo_first(ctx: SagaContext) -> None:
+        undone.append(ctx.saga_id)
+
+    async def slow(ctx: SagaContext) -> None:
+        await asyncio.sleep(ctx.get("sleep", 0))
+
+    retrying = Saga("retrying")
+    retrying.add_step("flaky", flaky, participant="svc",
+                      retry=Retry(attempts=3, backoff=0.1, multiplier=2))
+    timing_out = Saga("timing-out")
+    timing_out.add_step("first", first, undo_first, participant="svc")
+    timing_out.add_step("slow", slow, participant="svc", timeout=0.3)
+    deadline = Saga("deadline", timeout=0.4)
+    deadline.add_step("first", first, undo_first, participant="svc")
+    deadline.add_step("slow", slow, participant="svc")
+
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [retrying, timing_out, deadline],
+                     ["svc"]) as st:
+        t0 = time.monotonic()
+        r = await st.client.wait(await st.client.start("retrying", {}), timeout=30)
+        assert r["status"] == "completed" and r["results"]["flaky"] == 3
+        assert time.monotonic() - t0 >= 0.1 + 0.2  # both backoffs were waited through Kafka
+        view = await st.client.status(r["saga_id"])
+        assert view is not None and view["steps"][0]["attempts"] == 3
+
+        t = await st.client.wait(await st.client.start("timing-out", {"sleep": 5}), timeout=30)
+        assert t["status"] == "compensated" and t["failed_step"] == "slow"
+        assert "timed out after 0.3s" in t["error"] and t["saga_id"] in undone
+
+        d = await st.client.wait(await st.client.start("deadline", {"sleep": 1.0}), timeout=30)
+        assert d["status"] == "compensated" and d["error"] == "saga deadline of 0.4s exceeded"
+        assert d["saga_id"] in undone
+
+
+async def test_duplicates_poison_and_idempotent_start(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],
+                     ["inventory", "payment", "shipping"]) as st:
+        # idempotent start: one key, one saga, one effect
+        key = f"{topic_prefix}-idem"
+        data = {"order_id": key, "amount": 1}
+        s1 = await st.client.start("order", data, idempotency_key=key)
+        s2 = await st.client.start("order", data, idempotency_key=key)
+        assert s1 == s2
+        assert (await st.client.wait(s1, timeout=30))["status"] == "completed"
+
+        # poison: undecodable bytes, a schema violation, an unknown saga id, a wrong key
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            commands = f"{topic_prefix}.commands"
+            await producer.send_and_wait(commands, b"\xff\x00not json", key=b"p1")
+            await producer.send_and_wait(commands, b'{"v":1,"type":"start","saga_id":"p2"}',
+                                         key=b"p2")
+            await producer.send_and_wait(
+                f"{topic_prefix}.results",
+                orjson.dumps({"v": 1, "type": "result", "saga_id": "ghost", "command_id": "x",
+                              "step": "s", "attempt": 1, "action": "run", "ok": True,
+                              "result": None, "error": None, "retryable": False, "set": {}}),
+                key=b"ghost")
+            await producer.send_and_wait(commands, b'{"v":1,"type":"cancel","saga_id":"p4",'
+                                         b'"reason":"x","request_id":"r"}', key=b"other")
+
+            # duplicates: every command and result this saga produced, delivered again
+            replay = AIOKafkaConsumer(
+                f"{topic_prefix}.participant.inventory", f"{topic_prefix}.participant.payment",
+                f"{topic_prefix}.participant.shipping", f"{topic_prefix}.results",
+                bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                group_id=f"{topic_prefix}-replay")
+            await replay.start()
+            copies: list[Any] = []
+            try:
+                quiet_since = time.monotonic()
+                while time.monotonic() - quiet_since < 1.0:
+                    for records in (await replay.getmany(timeout_ms=200)).values():
+                        mine = [r for r in records if r.key == s1.encode()]
+                        copies += mine
+                        quiet_since = time.monotonic() if mine else quiet_since
+            finally:
+                await replay.stop()
+            commands = {orjson.loads(r.value)["command_id"] for r in copies
+                        if ".participant." in r.topic}
+            assert len(commands) == 3  # one attempt of each step
+            for r in copies:
+                await producer.send_and_wait(r.topic, r.value, key=r.key)
+        finally:
+            await producer.stop()
+
+        letters = await dead_letters(kafka_bootstrap, topic_prefix, 4)
+        reasons = {r.key: dict(r.headers)["sagaz-reason"].decode() for r in letters}
+        assert reasons[b"p1"].startswith("not JSON")
+        assert "lacks field 'saga'" in reasons[b"p2"]
+        assert "no saga 'ghost' here" in reasons[b"ghost"]
+        assert "is not the saga id 'p4'" in reasons[b"other"]
+        assert next(r.value for r in letters if r.key == b"p1") == b"\xff\x00not json"
+
+        # the worker kept going, and the duplicates changed nothing
+        after = await st.client.wait(await st.client.start(
+            "order", {"order_id": f"{topic_prefix}-after"}), timeout=30)
+        assert after["status"] == "completed"
+        await asyncio.sleep(1.0)
+        assert [examples.LEDGER[e, key] for e in ("reserve", "charge", "ship")] == [1, 1, 1]
+        view = await st.client.status(s1)
+        assert view is not None and view["status"] == "completed"
+        assert [s["attempts"] for s in view["steps"]] == [1, 1, 1]
+
+
+async def test_web_views_answer_json_errors(kafka_bootstrap: str, topic_prefix: str,
+                                            tmp_path: Any) -> None:
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],
+                     ["inventory", "payment", "shipping"]) as st:
+        sid = await st.client.start("order", {"order_id": f"{topic_prefix}-v"})
+        await st.client.wait(sid, timeout=30)
+        async with aiohttp.ClientSession() as http:
+            async def get(path: str) -> tuple[int, Any]:
+                async with http.get(st.url + path) as resp:
+                    return resp.status, orjson.loads(await resp.read())
+
+            assert await get("/health/live") == (200, {"status": "live"})
+            assert await get("/health/ready") == (200, {"status": "ready"})
+            status, body = await get("/sagas/nope")
+            assert status == 404 and body == {"error": "no saga 'nope'"}
+            status, body = await get(f"/sagas/{sid}")
+            assert status == 200 and body["status"] == "completed"
+            status, body = await get("/sagas?status=completed&name=order&limit=5")
+            assert status == 200 and body["count"] == 1 and body["sagas"][0]["saga_id"] == sid
+            for bad in ("/sagas?limit=abc", "/sagas?limit=0", "/sagas?status=bogus",
+                        "/sagas?colour=red"):
+                status, body = await get(bad)
+                assert status == 400 and "error" in body, bad
+            async with http.get(st.url + "/table/sagas/") as resp:
+                assert resp.status == 404  # faust's raw table endpoint is off
+            async with http.get(st.url + "/metrics") as resp:
+                assert b"sagaz_stream_events_total" in await resp.read()
+
+
+async def test_worker_refuses_mismatched_partitions(kafka_bootstrap: str,
+                                                   topic_prefix: str, tmp_path: Any) -> None:
+    await ensure_topics(kafka_bootstrap, {f"{topic_prefix}.results": 2})
+    oapp = OrchestratorApp(Settings(bootstrap=kafka_bootstrap, prefix=topic_prefix,
+                                    partitions=PARTITIONS, datadir=str(tmp_path),
+                                    web_port=free_port()), [examples.order])
+    with pytest.raises(TopicMismatch, match=rf"{topic_prefix}.results has 2 partitions, "
+                                            rf"needs {PARTITIONS}"):
+        await oapp.declare_topics()
+
+
+def _worker(bootstrap: str, prefix: str, datadir: str, port: int, log: Any) -> Any:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sagaz.cli", "--bootstrap", bootstrap, "--prefix", prefix,
+         "worker", "--sagas", "streams.examples", "--partitions", str(PARTITIONS),
+         "--datadir", datadir, "--web-port", str(port), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def _ready(url: str, timeout: float = 90) -> None:
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url + "/health/ready") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"worker at {url} not ready in {timeout}s")
+
+
+async def test_kill_9_the_worker_with_200_sagas_in_flight(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    n, prefix, datadir, port = 200, topic_prefix, str(tmp_path / "w"), free_port()
+    url = f"http://127.0.0.1:{port}"
+    services = ["inventory", "payment", "shipping"]
+    participants = [Participant(s, [examples.order], bootstrap=kafka_bootstrap, prefix=prefix)
+                    for s in services]
+    with open(tmp_path / "worker.log", "ab") as log:
+        worker = _worker(kafka_bootstrap, prefix, datadir, port, log)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await _ready(url)
+            tasks = [asyncio.create_task(p.run()) for p in participants]
+            async with SagaClient(kafka_bootstrap, prefix=prefix, url=url) as client:
+                items = orders(prefix, n, delay=0.02)
+                for i, item in enumerate(items):
+                    item["decline"] = i % 4 == 0
+                ids = await client.start_many("order", items)
+                await asyncio.sleep(0.5)
+                worker.send_signal(signal.SIGKILL)  # mid-flight: no clean shutdown
+                worker.wait()
+                killed = time.monotonic()
+                in_flight = n - sum(1 for i in ids if i in client._outcomes)
+                worker = _worker(kafka_bootstrap, prefix, datadir, port, log)
+                outcomes = [await client.wait(i, timeout=120) for i in ids]
+                recovered = time.monotonic() - killed
+        finally:
+            worker.kill()
+            worker.wait()
+            for p in participants:
+                await p.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    print(f"\n{in_flight} of {n} sagas were in flight when the worker was killed; all ended "
+          f"{recovered:.1f}s after the kill")
+    assert in_flight > 0
+    for item, outcome in zip(items, outcomes, strict=True):
+        oid = item["order_id"]
+        effects = {e: examples.LEDGER[e, oid] for e in
+                   ("reserve", "release", "charge", "refund", "ship")}
+        if item["decline"]:
+            assert outcome["status"] == "compensated", outcome
+            assert effects == {"reserve": 1, "release": 1, "charge": 0, "refund": 0,
+                               "ship": 0}, oid
+        else:
+            assert outcome["status"] == "completed", outcome
+            assert effects == {"reserve": 1, "release": 0, "charge": 1, "refund": 0,
+                               "ship": 1}, oid
