@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -32,12 +33,14 @@ def saga_id_for(saga: str, idempotency_key: str) -> str:
 
 class SagaClient:
     def __init__(self, bootstrap: str, *, prefix: str = "sagaz", url: str | None = None,
-                 listen: bool = True, keep_outcomes: int = 100_000) -> None:
+                 listen: bool = True, keep_outcomes: int = 100_000,
+                 on_outcome: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.url = url.rstrip("/") if url else None
         self.listen = listen
         self.keep_outcomes = keep_outcomes
+        self.on_outcome = on_outcome  # called with each outcome message as it arrives
         self.producer: Any = None
         self._consumer: Any = None
         self._listener: asyncio.Task[None] | None = None
@@ -102,6 +105,8 @@ class SagaClient:
 
     def _outcome(self, msg: dict[str, Any]) -> None:
         sid = msg["saga_id"]
+        if self.on_outcome is not None and sid not in self._outcomes:
+            self.on_outcome(msg)
         self._outcomes[sid] = msg
         if len(self._outcomes) > self.keep_outcomes:
             self._outcomes.popitem(last=False)

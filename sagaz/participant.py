@@ -7,14 +7,16 @@ It consumes ``{prefix}.participant.{service}``, runs the step's own function fro
 ``Saga`` definition the in-process engine uses (steps whose ``participant`` is this service;
 a step without one belongs to the service named after its saga), and publishes the result,
 keyed by saga id, to ``{prefix}.results``. A command id it has answered before is answered
-again from its inbox without running the step. Offsets are committed only after the replies
-of a batch are acknowledged by the broker, so a crash repeats replies, never loses them.
+again from its inbox without running the step. An offset is committed (every
+``commit_interval`` seconds) only after the replies up to it were acknowledged by the
+broker, so a crash repeats replies, never loses them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +33,12 @@ log = logging.getLogger("sagaz.participant")
 _COMMANDS = frozenset({"run", "compensate"})
 
 
+def _tp(topic: str, partition: int) -> Any:
+    from aiokafka import TopicPartition
+
+    return TopicPartition(topic, partition)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -38,7 +46,7 @@ def _describe(exc: BaseException) -> str:
 class Participant:
     def __init__(self, service: str, sagas: Iterable[Saga], *, bootstrap: str,
                  prefix: str = "sagaz", inbox: Inbox | None = None,
-                 max_batch: int = 500) -> None:
+                 max_batch: int = 500, commit_interval: float = 0.2) -> None:
         if not service or not all(c.isalnum() or c in "._-" for c in service):
             raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
         self.service = service
@@ -49,6 +57,9 @@ class Participant:
         self.dead_letters = f"{prefix}.dead-letters"
         self.inbox: Inbox = inbox if inbox is not None else MemoryInbox()
         self.max_batch = max_batch
+        self.commit_interval = commit_interval
+        self._done: dict[Any, int] = {}  # replied-to offsets not yet committed
+        self._next_commit = 0.0
         self.steps: dict[tuple[str, str], Step] = {}
         for saga in sagas:
             saga.validate()
@@ -69,7 +80,7 @@ class Participant:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                         enable_idempotence=True, linger_ms=1)
+                                         enable_idempotence=True, linger_ms=0)
         self.consumer = AIOKafkaConsumer(
             self.topic, bootstrap_servers=self.bootstrap,
             group_id=f"{self.prefix}.participant.{self.service}",
@@ -92,15 +103,27 @@ class Participant:
                 if records:
                     await self.process(records)
         finally:
-            await self.consumer.stop()
-            await self.producer.stop()
+            try:
+                await self.commit()
+            finally:
+                await self.consumer.stop()
+                await self.producer.stop()
 
     async def process(self, records: list[Any]) -> None:
         replies = await asyncio.gather(*(self.handle(r) for r in records))
         pending = [await self.producer.send(topic, value, key=key, headers=headers)
                    for topic, key, value, headers in replies]
         await asyncio.gather(*pending)  # every reply acknowledged before committing
-        await self.consumer.commit()
+        for r in records:
+            self._done[_tp(r.topic, r.partition)] = r.offset + 1
+        if time.monotonic() >= self._next_commit:  # not per batch: a commit is a round trip
+            await self.commit()
+
+    async def commit(self) -> None:
+        if self._done:
+            done, self._done = self._done, {}
+            await self.consumer.commit(done)
+        self._next_commit = time.monotonic() + self.commit_interval
 
     async def handle(self, record: Any) -> tuple[str, bytes | None, bytes | None, list[Any]]:
         try:

@@ -1,9 +1,10 @@
 """The Faust application: the orchestrator agent, its RocksDB saga table, timers and views.
 
 Inputs (commands, step results, timer events) are three topics keyed by saga id and
-co-partitioned with the ``sagas`` table changelog; one agent consumes all three in
-batches. Faust scopes table reads and writes to the partition of the "current event", so
-the agent sets it to each message of a batch before touching that message's saga row.
+co-partitioned with the ``sagas`` table changelog; one agent consumes all three. Faust
+scopes table reads and writes to the partition of the "current event", which the agent
+sets explicitly for each message before touching that message's saga row (so the same
+code is right in a batch).
 
 The agent runs at least once; ``streams.orchestrator`` explains why no effect repeats.
 Every input ends in exactly one place: applied, ignored as stale (the machine's rule),
@@ -43,7 +44,7 @@ class Metrics:
                               ["outcome"], registry=self.registry)
         self.finished = Counter("sagaz_stream_sagas_finished", "Sagas reaching an end",
                                 ["saga", "status"], registry=self.registry)
-        self.batch = Histogram("sagaz_stream_batch_seconds", "Time to process one batch",
+        self.latency = Histogram("sagaz_stream_event_seconds", "Time to process one input",
                                registry=self.registry,
                                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1))
         self.timers = Counter("sagaz_stream_timers_fired", "Timer events sent",
@@ -61,6 +62,7 @@ class OrchestratorApp:
         self.timers = TimerIndex()
         self.metrics = Metrics()
         self._assignment: frozenset[Any] | None = None
+        self._counts: dict[str, int] = {}  # partition counts of the output topics
         n = settings.partitions
         self.app = app = faust.App(
             f"{settings.prefix}-orchestrator",
@@ -106,7 +108,7 @@ class OrchestratorApp:
         """Create the topics; refuse to run when a co-partitioned one has another count."""
         n = self.settings.partitions
         await ensure_topics(self.settings.bootstrap, dict.fromkeys(self.topics.inputs, n))
-        await ensure_topics(self.settings.bootstrap, {
+        self._counts = await ensure_topics(self.settings.bootstrap, {
             self.topics.outcomes: n, self.topics.dead_letters: n,
             **{self.topics.participant(p): n for p in self.orchestrator.participants()},
         }, check=False)
@@ -133,41 +135,47 @@ class OrchestratorApp:
     # -- the agent
 
     async def _agent(self, stream: Any) -> None:
-        async for events in stream.take_events(self.settings.batch_size,
-                                               within=self.settings.batch_wait):
+        # One message at a time: nothing here waits on the broker (sends are queued, and
+        # faust flushes them before it commits the input's offset), so batching would only
+        # add the wait for a batch to fill.
+        async for event in stream.events():
             t0 = time.perf_counter()
-            await self.process_batch(events)
-            self.metrics.batch.observe(time.perf_counter() - t0)
+            await self.process(event)
+            self.metrics.latency.observe(time.perf_counter() - t0)
 
-    async def process_batch(self, events: list[Any]) -> None:
-        producer = self.app.producer
-        table, orch, metrics = self.table, self.orchestrator, self.metrics
-        for event in events:
-            token = _current_event.set(weakref.ref(event))  # table partition = this message's
-            message = event.message
-            try:
-                out = orch.process(message.topic, event.key, event.value,
-                                   table.get(event.key), time.time())
-                if out.dead_letter is not None:
-                    await self.dead_letter(message, out.dead_letter)
-                    continue
-                if out.row is not None:
-                    table[event.key] = out.row
-                    metrics.events.labels("applied").inc()
-                else:
-                    metrics.events.labels("repeated" if out.sends else "stale").inc()
-                if out.timers:
-                    self.timers.arm(event.key.decode(), out.timers)
-                for topic, key, value in out.sends:
-                    await producer.send(topic, key, value, None, None, None)
-                    if topic == self.topics.outcomes and out.row is not None:
-                        self._count_finished(value)
-            except Exception as exc:  # never let faust ack and drop it silently
-                log.exception("processing %s:%s@%s failed", message.topic, message.partition,
-                              message.offset)
-                await self.dead_letter(message, f"internal error: {type(exc).__name__}: {exc}")
-            finally:
-                _current_event.reset(token)
+    async def process(self, event: Any) -> None:
+        token = _current_event.set(weakref.ref(event))  # table partition = this message's
+        message = event.message
+        try:
+            out = self.orchestrator.process(message.topic, event.key, event.value,
+                                            self.table.get(event.key), time.time())
+            if out.dead_letter is not None:
+                await self.dead_letter(message, out.dead_letter)
+                return
+            if out.row is not None:
+                self.table[event.key] = out.row
+                self.metrics.events.labels("applied").inc()
+            else:
+                self.metrics.events.labels("repeated" if out.sends else "stale").inc()
+            if out.timers:
+                self.timers.arm(event.key.decode(), out.timers)
+            # Straight to the aiokafka client (faust's wrapper costs ~60 us a message; its
+            # flush before each offset commit still covers these). Every output is keyed by
+            # saga id, so on a topic with as many partitions as the input its partition is
+            # the input's: no need to hash the key again.
+            producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
+            n = self.settings.partitions
+            for topic, key, value in out.sends:
+                partition = message.partition if self._counts.get(topic) == n else None
+                await producer.send(topic, value, key=key, partition=partition)
+                if topic == self.topics.outcomes and out.row is not None:
+                    self._count_finished(value)
+        except Exception as exc:  # never let faust ack and drop it silently
+            log.exception("processing %s:%s@%s failed", message.topic, message.partition,
+                          message.offset)
+            await self.dead_letter(message, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            _current_event.reset(token)
 
     async def dead_letter(self, message: Any, reason: str) -> None:
         self.metrics.events.labels("dead_letter").inc()
@@ -226,4 +234,11 @@ def run_worker(settings: Settings) -> None:
     asyncio.run(oapp.prepare())
     from faust.worker import Worker
 
-    Worker(oapp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    class QuietWorker(Worker):
+        """Faust's terminal spinner sets the root logger to DEBUG (for a WARNING level),
+        making every aiokafka debug call format a record: a third of the worker's time."""
+
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            self.spinner = None
+
+    QuietWorker(oapp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

@@ -25,11 +25,9 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     sagas: tuple[str, ...] = ()  # "package.module" or "package.module:attribute"
-    batch_size: int = 500  # events per agent batch
-    batch_wait: float = 0.002  # seconds to fill a batch
     timer_interval: float = 0.05  # seconds between timer scans
     inbox_size: int = 64  # event ids kept per saga row
-    producer_linger: float = 0.001
+    producer_linger: float = 0.0  # the producer batches anyway while a request is out
     commit_interval: float = 0.5
     # How long the group waits for a silent (crashed) worker before its partitions move.
     session_timeout: float = 10.0
@@ -44,13 +42,13 @@ class Settings:
         if not self.bootstrap or any(not h.rpartition(":")[2].isdigit()
                                      for h in self.bootstrap.split(",")):
             raise bad("bootstrap", "must be host:port[,host:port...]")
-        for name in ("partitions", "web_port", "batch_size", "inbox_size"):
+        for name in ("partitions", "web_port", "inbox_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "must be an integer >= 1")
         if self.web_port > 65535:
             raise bad("web_port", "must be a TCP port")
-        for name in ("batch_wait", "timer_interval", "producer_linger", "commit_interval",
+        for name in ("timer_interval", "producer_linger", "commit_interval",
                      "session_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 60:

@@ -55,3 +55,15 @@ async def ship_order(ctx: SagaContext) -> dict[str, str]:
     await asyncio.sleep(ctx.get("delay", 0))
     LEDGER["ship", ctx["order_id"]] += 1
     return {"tracking": f"t-{ctx['order_id']}"}
+
+
+# A 3-step saga with trivial steps on one participant service, for tests/bench.
+bench = Saga("bench")
+
+
+async def _bench_step(ctx: SagaContext) -> int:
+    return 1
+
+
+for _name in ("one", "two", "three"):
+    bench.add_step(_name, _bench_step, participant="bench")

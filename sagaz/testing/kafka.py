@@ -185,7 +185,7 @@ class LocalKafka:
     def _java(self, libs: Path, main: str, *args: str) -> list[str]:
         return [
             _require("java", "to run the Kafka broker"),
-            f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            f"-Xmx{self.heap}", "-Xms256m", "-XX:+UseSerialGC",
             "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
             "-cp", f"{libs}/*", main, *args,
@@ -195,7 +195,9 @@ class LocalKafka:
         t0 = time.monotonic()
         libs = resolve()
         cfg = self._write_config()
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # StorageTool would read a leading '-' as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
             self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)),
             capture_output=True, text=True,
