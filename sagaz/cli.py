@@ -65,6 +65,27 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    url = args.url or os.environ.get("SAGAZ_DATABASE_URL")
+    if not url:
+        raise ValueError("give --url postgresql://... (or set SAGAZ_DATABASE_URL)")
+
+    async def main() -> list[int]:
+        import asyncpg
+
+        from sagaz.migrations import migrate
+
+        conn = await asyncpg.connect(url)
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    applied = asyncio.run(main())
+    print(f"applied migrations {applied}" if applied else "database is up to date")
+    return 0
+
+
 def _query(args: argparse.Namespace, fn: str, *a: Any, **kw: Any) -> int:
     from sagaz.client import SagaClient
 
@@ -123,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--url", default=url_default, help=url_help)
     ls.set_defaults(fn=lambda a: _query(a, "list", status=a.status, name=a.name,
                                         limit=a.limit))
+
+    db = sub.add_parser("db", help="database commands")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    mig = dbsub.add_parser("migrate", help="apply sagaz's SQL migrations (idempotent)")
+    mig.add_argument("--url", help="PostgreSQL URL (default: $SAGAZ_DATABASE_URL)")
+    mig.set_defaults(fn=cmd_migrate)
 
     k = sub.add_parser("kafka", help="run a local Kafka broker (Maven jars, no Docker)")
     k.set_defaults(fn=lambda a: __import__("sagaz.testing.kafka", fromlist=["main"]).main(

@@ -2,7 +2,9 @@
 
 Kafka: KAFKA_BOOTSTRAP_SERVERS when set; else a testcontainers broker when a Docker engine
 answers; else a broker the project starts from Maven Central jars (sagaz.testing.kafka).
-With CI=true a broker that cannot start fails the run; elsewhere the Kafka tests skip.
+PostgreSQL: SAGAZ_TEST_POSTGRES_URL when set; else a server started from the Debian
+binaries (sagaz.testing.postgres); else testcontainers. Each test gets its own database.
+With CI=true a service that cannot start fails the run; elsewhere its tests skip.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -67,3 +70,50 @@ def kafka_bootstrap() -> Iterator[str]:
 def topic_prefix() -> str:
     """A prefix unique to this test: tests never see each other's topics or groups."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    given = os.environ.get("SAGAZ_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    from sagaz.testing.postgres import LocalPostgres, PostgresToolError
+
+    try:
+        server = LocalPostgres().start()
+    except PostgresToolError as exc:
+        if _docker_answers():
+            from testcontainers.postgres import PostgresContainer
+
+            with PostgresContainer("postgres:16") as pg:
+                yield pg.get_connection_url(driver=None)
+            return
+        _unavailable("PostgreSQL", str(exc))
+    print(f"\nlocal PostgreSQL at {server.url} started in {server.started_in:.1f}s")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def pg_pool(postgres_url: str) -> Any:
+    """A pool on a fresh, migrated database of this test's own."""
+    import asyncpg
+
+    from sagaz.migrations import migrate
+    from sagaz.outbox import init_connection
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=10, init=init_connection)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    try:
+        yield pool
+    finally:
+        await pool.close()

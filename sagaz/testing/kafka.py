@@ -195,15 +195,16 @@ class LocalKafka:
         t0 = time.monotonic()
         libs = resolve()
         cfg = self._write_config()
-        cluster_id = "-"
-        while cluster_id.startswith("-"):  # StorageTool would read a leading '-' as an option
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        fmt = subprocess.run(
-            self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)),
-            capture_output=True, text=True,
-        )
-        if fmt.returncode != 0:
-            raise KafkaToolError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        if not (self.workdir / "data" / "meta.properties").exists():  # else: a restart
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # StorageTool reads a leading '-' as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            fmt = subprocess.run(self._java(libs, "kafka.tools.StorageTool", "format", "-t",
+                                            cluster_id, "-c", str(cfg)),
+                                 capture_output=True, text=True)
+            if fmt.returncode != 0:
+                raise KafkaToolError(f"formatting KRaft storage failed:\n{fmt.stdout}"
+                                     f"{fmt.stderr}")
         out = open(self.workdir / "stdout.log", "wb")  # handed to the process
         self.proc = subprocess.Popen(
             self._java(libs, "kafka.Kafka", str(cfg)),
@@ -248,7 +249,12 @@ class LocalKafka:
                 text += "".join(p.read_text(errors="replace").splitlines(True)[-lines:])
         return text
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def restart(self) -> None:
+        """Stop the broker and start it again on the same ports and data (for fault tests)."""
+        self.stop(keep_data=True)
+        self.start()
+
+    def stop(self, timeout: float = 20.0, *, keep_data: bool = False) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()  # SIGTERM: controlled shutdown
@@ -257,7 +263,7 @@ class LocalKafka:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self._own_workdir:
+        if self._own_workdir and not keep_data:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalKafka:

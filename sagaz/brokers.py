@@ -1,0 +1,121 @@
+"""Message brokers the outbox publishes to, chosen by URL.
+
+    kafka://host:port[,host:port]   aiokafka, idempotent producer, keyed by aggregate id
+    memory://                       in-process, for tests of code above the broker
+
+``publish`` returns only once the broker acknowledged the message; it raises otherwise.
+``publish_many`` reports each message's outcome, so a partly failed batch is not retried
+whole. Messages with one key are published in the order they were given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+class Broker(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, topic: str, key: str, value: bytes,
+                      headers: dict[str, str] | None = None) -> None: ...
+
+    async def publish_many(self, messages: list[tuple[str, str, bytes,
+                                                      dict[str, str] | None]]
+                           ) -> list[BaseException | None]:
+        """Publish in order; when all are settled, return each one's error (None: acked)."""
+        ...
+
+
+class MemoryBroker:
+    def __init__(self) -> None:
+        self.topics: dict[str, list[tuple[str, bytes, dict[str, str]]]] = defaultdict(list)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def publish(self, topic: str, key: str, value: bytes,
+                      headers: dict[str, str] | None = None) -> None:
+        self.topics[topic].append((key, value, dict(headers or {})))
+
+    async def publish_many(self, messages: list[tuple[str, str, bytes,
+                                                      dict[str, str] | None]]
+                           ) -> list[BaseException | None]:
+        for m in messages:
+            await self.publish(*m)
+        return [None] * len(messages)
+
+
+class KafkaBroker:
+    def __init__(self, bootstrap: str, *, linger_ms: int = 2, request_timeout_ms: int = 10000,
+                 **producer_options: Any) -> None:
+        self.bootstrap = bootstrap
+        self.options = {"linger_ms": linger_ms, "request_timeout_ms": request_timeout_ms,
+                        **producer_options}
+        self.producer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        # Idempotent: a retried produce is not duplicated, and per-partition order holds.
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
+                                         enable_idempotence=True, **self.options)
+        try:
+            await self.producer.start()
+        except Exception as exc:
+            self.producer = None
+            raise BrokerError(f"cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+
+    async def publish(self, topic: str, key: str, value: bytes,
+                      headers: dict[str, str] | None = None) -> None:
+        [error] = await self.publish_many([(topic, key, value, headers)])
+        if error is not None:
+            raise BrokerError(f"publish to Kafka failed: {type(error).__name__}: {error}")
+
+    async def publish_many(self, messages: list[tuple[str, str, bytes,
+                                                      dict[str, str] | None]]
+                           ) -> list[BaseException | None]:
+        if self.producer is None:
+            raise BrokerError("broker not started")
+        futures = []
+        for topic, key, value, headers in messages:
+            try:
+                futures.append(await self.producer.send(
+                    topic, value, key=key.encode(),
+                    headers=[(k, v.encode()) for k, v in (headers or {}).items()]))
+            except Exception as exc:  # not even queued
+                failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                futures.append(failed)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+
+def broker_from_url(url: str, **options: Any) -> Broker:
+    parts = urlsplit(url)
+    if parts.scheme == "kafka":
+        if not parts.netloc:
+            raise ValueError(f"kafka URL needs host:port, got {url!r}")
+        return KafkaBroker(parts.netloc, **options)
+    if parts.scheme == "memory":
+        return MemoryBroker()
+    if parts.scheme in ("amqp", "amqps"):
+        raise ValueError("RabbitMQ (amqp://) is not implemented yet; use kafka:// or memory://")
+    raise ValueError(f"unknown broker URL scheme {parts.scheme!r} in {url!r}; "
+                     f"use kafka:// or memory://")

@@ -1,0 +1,311 @@
+"""Outbox, optimistic sending, consumer inbox and saga snapshots on real PostgreSQL + Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import Any
+
+import orjson
+import pytest
+
+from sagaz import Engine, Saga
+from sagaz.brokers import BrokerError, KafkaBroker, broker_from_url
+from sagaz.consumer_inbox import ConsumerInbox
+from sagaz.migrations import MIGRATIONS, migrate
+from sagaz.outbox import OptimisticPublisher, OutboxError, OutboxWorker, insert
+from sagaz.postgres_store import PostgresSagaStore
+from sagaz.topics import ensure_topics
+
+pytestmark = pytest.mark.kafka
+
+
+async def consume_all(bootstrap: str, topic: str, expect: int, timeout: float = 60) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=f"{topic}-reader")
+    await consumer.start()
+    got: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(got) < expect and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300, max_records=5000)).values():
+                got.extend(records)
+        await asyncio.sleep(0.5)  # anything beyond `expect` (a duplicate) shows up too
+        for records in (await consumer.getmany(timeout_ms=300)).values():
+            got.extend(records)
+    finally:
+        await consumer.stop()
+    return got
+
+
+def by_aggregate(records: list[Any]) -> dict[str, list[int]]:
+    seq: dict[str, list[int]] = defaultdict(list)
+    for r in records:
+        seq[r.key.decode()].append(orjson.loads(r.value)["n"])
+    return seq
+
+
+async def fill(pool: Any, topic: str, n: int, aggregates: int) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        for i in range(n):
+            await insert(conn, aggregate_id=f"agg-{i % aggregates}", topic=topic,
+                         event_type="Counted", payload={"n": i})
+
+
+async def test_migrations_are_versioned_and_idempotent(pg_pool: Any) -> None:
+    async with pg_pool.acquire() as conn:
+        assert await migrate(conn) == []  # the fixture applied them already
+        versions = [r["version"] for r in await conn.fetch(
+            "SELECT version FROM sagaz_schema_migrations ORDER BY version")]
+    assert versions == [v for v, _, _ in MIGRATIONS]
+
+
+async def test_insert_commits_and_rolls_back_with_the_business_change(pg_pool: Any) -> None:
+    async with pg_pool.acquire() as conn:
+        await conn.execute("CREATE TABLE orders (id TEXT PRIMARY KEY)")
+        with pytest.raises(RuntimeError, match="business failure"):
+            async with conn.transaction():
+                await conn.execute("INSERT INTO orders VALUES ('o1')")
+                await insert(conn, aggregate_id="o1", topic="orders", event_type="Created",
+                             payload={"id": "o1"})
+                raise RuntimeError("business failure")
+        async with conn.transaction():
+            await conn.execute("INSERT INTO orders VALUES ('o2')")
+            event = await insert(conn, aggregate_id="o2", topic="orders",
+                                 event_type="Created", payload={"id": "o2"})
+        rows = await conn.fetch("SELECT aggregate_id, status FROM sagaz_outbox")
+        assert [(r["aggregate_id"], r["status"]) for r in rows] == [("o2", "pending")]
+        assert event.payload == {"id": "o2"}
+
+        with pytest.raises(OutboxError, match="needs the caller's open transaction"):
+            await insert(conn, aggregate_id="o3", topic="orders", event_type="Created",
+                         payload={})
+        async with conn.transaction():
+            with pytest.raises(OutboxError, match="payload of 'Bad' is not JSON-serialisable"):
+                await insert(conn, aggregate_id="o4", topic="orders", event_type="Bad",
+                             payload={"when": {1, 2}})
+            with pytest.raises(OutboxError, match="aggregate_id must be a non-empty str"):
+                await insert(conn, aggregate_id="", topic="orders", event_type="X", payload={})
+            with pytest.raises(OutboxError, match="headers must map str to str"):
+                await insert(conn, aggregate_id="o5", topic="orders", event_type="X",
+                             payload={}, headers={"n": 1})  # type: ignore[dict-item]
+
+
+async def test_two_workers_race_over_10000_events_each_published_once_in_order(
+        pg_pool: Any, kafka_bootstrap: str, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}-outbox"
+    await ensure_topics(kafka_bootstrap, {topic: 4})
+    await fill(pg_pool, topic, 10_000, aggregates=200)
+    brokers = [KafkaBroker(kafka_bootstrap), KafkaBroker(kafka_bootstrap)]
+    workers = [OutboxWorker(pg_pool, b, batch_size=500, poll_interval=0.05) for b in brokers]
+    for b in brokers:
+        await b.start()
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        async with asyncio.timeout(120):
+            while True:
+                async with pg_pool.acquire() as conn:
+                    if not await conn.fetchval(
+                            "SELECT count(*) FROM sagaz_outbox WHERE status = 'pending'"):
+                        break
+                await asyncio.sleep(0.1)
+    finally:
+        for w in workers:
+            await w.stop()
+        await asyncio.gather(*tasks)
+        for b in brokers:
+            await b.stop()
+    assert all(w.published > 0 for w in workers), [w.published for w in workers]
+    records = await consume_all(kafka_bootstrap, topic, 10_000)
+    ids = [dict(r.headers)["event-id"] for r in records]
+    assert len(ids) == 10_000 and len(set(ids)) == 10_000  # each exactly once
+    for agg, ns in by_aggregate(records).items():
+        assert ns == sorted(ns), f"{agg} out of order"
+
+
+async def test_broker_down_events_stay_pending_then_go_out_once(
+        pg_pool: Any, topic_prefix: str) -> None:
+    from sagaz.testing.kafka import LocalKafka
+
+    topic = f"{topic_prefix}-down"
+    with LocalKafka() as kafka:
+        await ensure_topics(kafka.bootstrap_servers, {topic: 2})
+        broker = KafkaBroker(kafka.bootstrap_servers, request_timeout_ms=2000)
+        await broker.start()
+        # a short lease: it must be renewed while the broker holds the batch
+        worker = OutboxWorker(pg_pool, broker, poll_interval=0.05, lease=1.0)
+        rival = OutboxWorker(pg_pool, broker, poll_interval=0.05, lease=1.0)
+        # in a thread: the workers' event loop must keep running (and renewing leases)
+        await asyncio.to_thread(kafka.stop, keep_data=True)  # down while the workers run
+        tasks = [asyncio.create_task(w.run()) for w in (worker, rival)]
+        await fill(pg_pool, topic, 300, aggregates=10)
+        await asyncio.sleep(4)
+        async with pg_pool.acquire() as conn:
+            assert await conn.fetchval(
+                "SELECT count(*) FROM sagaz_outbox WHERE status = 'pending'") == 300
+        await asyncio.to_thread(kafka.start)  # back, same port and data
+        try:
+            async with asyncio.timeout(90):
+                while True:
+                    async with pg_pool.acquire() as conn:
+                        if await conn.fetchval("SELECT count(*) FROM sagaz_outbox "
+                                               "WHERE status = 'sent'") == 300:
+                            break
+                    await asyncio.sleep(0.2)
+        finally:
+            for w in (worker, rival):
+                await w.stop()
+            await asyncio.gather(*tasks)
+            await broker.stop()
+        records = await consume_all(kafka.bootstrap_servers, topic, 300)
+    assert len({dict(r.headers)["event-id"] for r in records}) == 300
+    assert [worker.published, rival.published] in ([300, 0], [0, 300])
+    assert len(records) == 300
+    for agg, ns in by_aggregate(records).items():
+        assert ns == sorted(ns), agg
+
+
+async def test_worker_survives_its_database_connection_being_killed(
+        pg_pool: Any, kafka_bootstrap: str, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}-dbkill"
+    await ensure_topics(kafka_bootstrap, {topic: 2})
+    await fill(pg_pool, topic, 3000, aggregates=50)
+    broker = KafkaBroker(kafka_bootstrap)
+    await broker.start()
+    worker = OutboxWorker(pg_pool, broker, batch_size=100, poll_interval=0.02)
+    task = asyncio.create_task(worker.run())
+    killed = 0
+    try:
+        async with asyncio.timeout(90):
+            while True:
+                async with pg_pool.acquire() as conn:
+                    killed += await conn.fetchval(
+                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+                        "pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()) t")
+                    left = await conn.fetchval(
+                        "SELECT count(*) FROM sagaz_outbox WHERE status = 'pending'")
+                if not left:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+        await task
+        await broker.stop()
+    assert killed > 0
+    records = await consume_all(kafka_bootstrap, topic, 3000)
+    ids = {dict(r.headers)["event-id"] for r in records}
+    assert len(ids) == 3000  # none lost (a batch cut off mid-way may be published again)
+    for agg, ns in by_aggregate(records).items():
+        assert [n for i, n in enumerate(ns) if n not in ns[:i]] == sorted(set(ns)), agg
+
+
+async def test_optimistic_publisher_marks_sent_only_after_an_ack(
+        pg_pool: Any, kafka_bootstrap: str, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}-opt"
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    broker = KafkaBroker(kafka_bootstrap)
+    await broker.start()
+    publisher = OptimisticPublisher(pg_pool, broker)
+    async with pg_pool.acquire() as conn:
+        async with conn.transaction():
+            first = await insert(conn, aggregate_id="a", topic=topic, event_type="E",
+                                 payload={"n": 1}, delay=5)
+        assert await publisher.publish_after_commit(first) is True
+        assert await conn.fetchval("SELECT status FROM sagaz_outbox WHERE id = $1",
+                                   first.id) == "sent"
+    await broker.stop()
+    # broker unreachable: stays pending for the worker
+    dead = KafkaBroker("127.0.0.1:1", request_timeout_ms=500)
+    with pytest.raises(BrokerError):
+        await dead.start()
+    async with pg_pool.acquire() as conn:
+        async with conn.transaction():
+            second = await insert(conn, aggregate_id="a", topic=topic, event_type="E",
+                                  payload={"n": 2}, delay=5)
+        assert await OptimisticPublisher(pg_pool, dead).publish_after_commit(second) is False
+        assert await conn.fetchval("SELECT status FROM sagaz_outbox WHERE id = $1",
+                                   second.id) == "pending"
+    records = await consume_all(kafka_bootstrap, topic, 1)
+    assert [orjson.loads(r.value) for r in records] == [{"n": 1}]
+
+
+async def test_consumer_inbox_commits_the_marker_with_the_handler(pg_pool: Any) -> None:
+    async with pg_pool.acquire() as conn:
+        await conn.execute("CREATE TABLE ledger (event_id TEXT, amount INT)")
+    inbox = ConsumerInbox(pg_pool, "billing")
+    calls = 0
+
+    async def handler(payload: Any, conn: Any) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await conn.execute("INSERT INTO ledger VALUES ($1, $2)", payload["id"], payload["amt"])
+        if payload.get("fail") and calls == 1:
+            raise RuntimeError("handler failed")
+        return {"booked": payload["amt"]}
+
+    with pytest.raises(RuntimeError, match="handler failed"):
+        await inbox.process_idempotent("e1", "orders", "Paid", {"id": "e1", "amt": 5,
+                                                                "fail": True}, handler)
+    assert not await inbox.seen("e1")  # no marker: the redelivery runs it again
+    assert await inbox.process_idempotent("e1", "orders", "Paid",
+                                          {"id": "e1", "amt": 5, "fail": True},
+                                          handler) == {"booked": 5}
+    assert calls == 2
+    # duplicates (also racing ones) return the first result without running the handler
+    results = await asyncio.gather(*(inbox.process_idempotent(
+        "e2", "orders", "Paid", {"id": "e2", "amt": 7}, handler) for _ in range(5)))
+    assert results == [{"booked": 7}] * 5 and calls == 3
+    other = ConsumerInbox(pg_pool, "shipping")  # keyed by (consumer, event id)
+    assert await other.process_idempotent("e2", "orders", "Paid", {"id": "e2", "amt": 7},
+                                          handler) == {"booked": 7}
+    async with pg_pool.acquire() as conn:
+        rows = await conn.fetch("SELECT event_id, amount FROM ledger ORDER BY event_id")
+    assert [(r["event_id"], r["amount"]) for r in rows] == [("e1", 5), ("e2", 7), ("e2", 7)]
+    with pytest.raises(ValueError, match="event_id must be a non-empty str"):
+        await inbox.process_idempotent("", "t", "E", {}, handler)
+
+
+async def test_saga_snapshots_on_postgres_resume_after_a_crash(pg_pool: Any) -> None:
+    store = PostgresSagaStore(pg_pool)
+    gate = asyncio.Event()
+    calls = {"a": 0, "b": 0}
+
+    async def a(ctx: Any) -> str:
+        calls["a"] += 1
+        return "a"
+
+    async def b(ctx: Any) -> str:
+        calls["b"] += 1
+        if calls["b"] == 1:
+            gate.set()
+            await asyncio.sleep(10)
+        return "b"
+
+    saga = Saga("pg-resume")
+    saga.add_step("a", a)
+    saga.add_step("b", b)
+    first = asyncio.create_task(Engine(store).run(saga, {"k": 1}, saga_id="s1",
+                                                  idempotency_key="key-1"))
+    await gate.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    record = await store.load("s1")
+    assert record is not None and record.status == "running"
+    result = await Engine(store).resume(saga, "s1")
+    assert result.succeeded and calls == {"a": 1, "b": 2}
+    again = await Engine(store).run(saga, {"k": 1}, idempotency_key="key-1")
+    assert again.saga_id == "s1" and again.succeeded and calls == {"a": 1, "b": 2}
+    assert [r.saga_id for r in await store.list(status="completed")] == ["s1"]
+
+
+def test_broker_urls_are_checked() -> None:
+    assert isinstance(broker_from_url("kafka://127.0.0.1:9092"), KafkaBroker)
+    with pytest.raises(ValueError, match="unknown broker URL scheme 'nats'"):
+        broker_from_url("nats://x")
+    with pytest.raises(ValueError, match="kafka URL needs host:port"):
+        broker_from_url("kafka://")
