@@ -1,6 +1,7 @@
 """Message brokers the outbox publishes to, chosen by URL.
 
     kafka://host:port[,host:port]   aiokafka, idempotent producer, keyed by aggregate id
+    amqp://user:pass@host:port/     RabbitMQ via aio-pika, publisher confirms, durable exchange
     memory://                       in-process, for tests of code above the broker
 
 ``publish`` returns only once the broker acknowledged the message; it raises otherwise.
@@ -107,6 +108,57 @@ class KafkaBroker:
         return [r if isinstance(r, BaseException) else None for r in results]
 
 
+class RabbitMQBroker:
+    """aio-pika, publisher confirms, a durable topic exchange; the topic is the routing key.
+
+    Messages are persistent; the aggregate key travels as the ``sagaz-key`` header and as
+    ``correlation_id``. ``publish_many`` publishes in order on one channel and returns once
+    the broker confirmed (or refused) each message.
+    """
+
+    def __init__(self, url: str, *, exchange: str = "sagaz") -> None:
+        self.url, self.exchange_name = url, exchange
+        self.connection: Any = None
+        self.exchange: Any = None
+
+    async def start(self) -> None:
+        import aio_pika
+
+        try:
+            self.connection = await aio_pika.connect_robust(self.url)
+            channel = await self.connection.channel(publisher_confirms=True)
+            self.exchange = await channel.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+        except Exception as exc:
+            raise BrokerError(f"cannot connect to RabbitMQ at {self.url}: {exc}") from exc
+
+    async def stop(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    async def publish(self, topic: str, key: str, value: bytes,
+                      headers: dict[str, str] | None = None) -> None:
+        [error] = await self.publish_many([(topic, key, value, headers)])
+        if error is not None:
+            raise BrokerError(f"publish to RabbitMQ failed: {type(error).__name__}: {error}")
+
+    async def publish_many(self, messages: list[tuple[str, str, bytes,
+                                                      dict[str, str] | None]]
+                           ) -> list[BaseException | None]:
+        import aio_pika
+
+        if self.exchange is None:
+            raise BrokerError("broker not started")
+        pending = [self.exchange.publish(
+            aio_pika.Message(value, headers={**(headers or {}), "sagaz-key": key},
+                             correlation_id=key,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=topic) for topic, key, value, headers in messages]
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+
 def broker_from_url(url: str, **options: Any) -> Broker:
     parts = urlsplit(url)
     if parts.scheme == "kafka":
@@ -116,6 +168,6 @@ def broker_from_url(url: str, **options: Any) -> Broker:
     if parts.scheme == "memory":
         return MemoryBroker()
     if parts.scheme in ("amqp", "amqps"):
-        raise ValueError("RabbitMQ (amqp://) is not implemented yet; use kafka:// or memory://")
+        return RabbitMQBroker(url, **options)
     raise ValueError(f"unknown broker URL scheme {parts.scheme!r} in {url!r}; "
-                     f"use kafka:// or memory://")
+                     f"use kafka://, amqp:// or memory://")

@@ -4,6 +4,7 @@ Kafka: KAFKA_BOOTSTRAP_SERVERS when set; else a testcontainers broker when a Doc
 answers; else a broker the project starts from Maven Central jars (sagaz.testing.kafka).
 PostgreSQL: SAGAZ_TEST_POSTGRES_URL when set; else a server started from the Debian
 binaries (sagaz.testing.postgres); else testcontainers. Each test gets its own database.
+Redis and RabbitMQ likewise (SAGAZ_TEST_REDIS_URL, SAGAZ_TEST_RABBITMQ_URL).
 With CI=true a service that cannot start fails the run; elsewhere its tests skip.
 """
 
@@ -117,3 +118,57 @@ async def pg_pool(postgres_url: str) -> Any:
         yield pool
     finally:
         await pool.close()
+
+
+def _local_service(env: str, what: str, factory: Any, container: Any) -> Iterator[str]:
+    given = os.environ.get(env)
+    if given:
+        yield given
+        return
+    try:
+        server = factory().start()
+    except RuntimeError as exc:
+        if _docker_answers():
+            with container() as c:
+                yield c
+            return
+        _unavailable(what, str(exc))
+    print(f"\nlocal {what} at {server.url} started in {server.started_in:.1f}s")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    from sagaz.testing.redis import LocalRedis
+
+    def container() -> Any:
+        from testcontainers.redis import RedisContainer
+
+        class Url(RedisContainer):
+            def __enter__(self) -> Any:
+                super().__enter__()
+                return f"redis://{self.get_container_host_ip()}:" \
+                       f"{self.get_exposed_port(6379)}/0"
+        return Url()
+
+    yield from _local_service("SAGAZ_TEST_REDIS_URL", "Redis", LocalRedis, container)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    from sagaz.testing.rabbitmq import LocalRabbitMQ
+
+    def container() -> Any:
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        class Url(RabbitMqContainer):
+            def __enter__(self) -> Any:
+                super().__enter__()
+                return f"amqp://guest:guest@{self.get_container_host_ip()}:" \
+                       f"{self.get_exposed_port(5672)}/"
+        return Url()
+
+    yield from _local_service("SAGAZ_TEST_RABBITMQ_URL", "RabbitMQ", LocalRabbitMQ, container)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import machine  # noqa: E402
+from bench_core import machine
 
 
 def pct(v: list[float], p: float) -> float:
