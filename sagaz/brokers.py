@@ -21,6 +21,10 @@ class BrokerError(RuntimeError):
     pass
 
 
+class Skipped(BrokerError):
+    """Not sent, because an earlier message with the same key failed in the same call."""
+
+
 class Broker(Protocol):
     async def start(self) -> None: ...
 
@@ -95,13 +99,18 @@ class KafkaBroker:
         if self.producer is None:
             raise BrokerError("broker not started")
         futures = []
+        refused: set[str] = set()  # keys with a message refused here: send none after it
+        loop = asyncio.get_running_loop()
         for topic, key, value, headers in messages:
             try:
+                if key in refused:
+                    raise Skipped(f"an earlier message with key {key!r} failed")
                 futures.append(await self.producer.send(
                     topic, value, key=key.encode(),
                     headers=[(k, v.encode()) for k, v in (headers or {}).items()]))
             except Exception as exc:  # not even queued
-                failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                refused.add(key)
+                failed: asyncio.Future[None] = loop.create_future()
                 failed.set_exception(exc)
                 futures.append(failed)
         results = await asyncio.gather(*futures, return_exceptions=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from sagaz.brokers import Broker, BrokerError
+from sagaz.brokers import Broker, BrokerError, Skipped
 
 log = logging.getLogger("sagaz.outbox")
 
@@ -181,16 +181,30 @@ class OutboxWorker:
         ids = [e.id for e in events]
         # While the broker holds the batch (it retries through an outage), keep the lease:
         # a worker that takes the rows over would publish them a second time.
-        renew = asyncio.create_task(self._renew(ids))
+        done = asyncio.Event()
+        renew = asyncio.create_task(self._renew(ids, done))
         try:
             errors = await self.broker.publish_many([e.message() for e in events])
         except BrokerError as exc:
             errors = [exc] * len(events)
         finally:
-            renew.cancel()
+            # Stopped between queries, not cancelled: a query cancelled mid-flight would
+            # hand its connection back to the pool in an unusable state.
+            done.set()
             await asyncio.gather(renew, return_exceptions=True)
-        sent = [e.id for e, err in zip(events, errors, strict=True) if err is None]
-        failed = [(e.id, err) for e, err in zip(events, errors, strict=True) if err is not None]
+        # Per aggregate, everything after its first failure waits for it: released
+        # without counting an attempt, and blocked (by the claim) until it goes out.
+        sent, failed, skipped = [], [], []
+        broken: set[str] = set()
+        for e, err in zip(events, errors, strict=True):
+            if e.aggregate_id in broken or isinstance(err, Skipped):
+                skipped.append(e.id)
+                broken.add(e.aggregate_id)
+            elif err is not None:
+                failed.append((e.id, err))
+                broken.add(e.aggregate_id)
+            else:
+                sent.append(e.id)
         if sent:
             async with self.pool.acquire() as conn:
                 await conn.execute(
@@ -202,11 +216,19 @@ class OutboxWorker:
         if failed:
             await self._failed([i for i, _ in failed],
                                f"{type(failed[0][1]).__name__}: {failed[0][1]}")
+        if skipped:
+            async with self.pool.acquire() as conn:
+                await conn.execute("UPDATE sagaz_outbox SET lease_owner = NULL, "
+                                   "lease_until = NULL WHERE id = ANY($1::bigint[])", skipped)
         return len(rows)
 
-    async def _renew(self, ids: list[int]) -> None:
+    async def _renew(self, ids: list[int], done: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(self.lease / 3)
+            try:
+                await asyncio.wait_for(done.wait(), self.lease / 3)
+                return
+            except TimeoutError:
+                pass
             try:
                 async with self.pool.acquire() as conn:
                     await conn.execute(

@@ -175,22 +175,24 @@ async def test_worker_survives_its_database_connection_being_killed(
     await fill(pg_pool, topic, 3000, aggregates=50)
     broker = KafkaBroker(kafka_bootstrap)
     await broker.start()
-    worker = OutboxWorker(pg_pool, broker, batch_size=100, poll_interval=0.02)
+    worker = OutboxWorker(pg_pool, broker, batch_size=50, poll_interval=0.02)
     task = asyncio.create_task(worker.run())
-    killed = 0
+    killed = rounds = 0
     try:
         async with asyncio.timeout(90):
             while True:
                 async with pg_pool.acquire() as conn:
-                    killed += await conn.fetchval(
-                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
-                        "pg_stat_activity WHERE datname = current_database() "
-                        "AND pid <> pg_backend_pid()) t")
+                    if rounds < 6:  # drop the worker's connections a few times, mid-run
+                        killed += await conn.fetchval(
+                            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+                            "pg_stat_activity WHERE datname = current_database() "
+                            "AND pid <> pg_backend_pid()) t")
+                        rounds += 1
                     left = await conn.fetchval(
                         "SELECT count(*) FROM sagaz_outbox WHERE status = 'pending'")
                 if not left:
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)
     finally:
         await worker.stop()
         await task
@@ -309,3 +311,55 @@ def test_broker_urls_are_checked() -> None:
         broker_from_url("nats://x")
     with pytest.raises(ValueError, match="kafka URL needs host:port"):
         broker_from_url("kafka://")
+
+
+async def test_failing_publishes_back_off_then_go_dead_with_the_last_error(
+        pg_pool: Any, kafka_bootstrap: str, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}-dead"
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    # a real client that refuses every message: larger than its max_request_size
+    broker = KafkaBroker(kafka_bootstrap, max_request_size=64)
+    await broker.start()
+    async with pg_pool.acquire() as conn, conn.transaction():
+        await insert(conn, aggregate_id="a", topic=topic, event_type="Big",
+                     payload={"blob": "x" * 200})
+        await insert(conn, aggregate_id="a", topic=topic, event_type="Next", payload={})
+    worker = OutboxWorker(pg_pool, broker, max_attempts=3, backoff=0.05, max_backoff=0.2)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                await worker.run_once()
+                async with pg_pool.acquire() as conn:
+                    row = await conn.fetchrow("SELECT status, attempts, last_error, "
+                                              "available_at > now() AS waiting "
+                                              "FROM sagaz_outbox WHERE event_type = 'Big'")
+                if row["status"] == "dead":
+                    break
+                if row["attempts"] == 1:
+                    assert row["waiting"]  # backing off, not retried at once
+                await asyncio.sleep(0.05)
+        assert row["attempts"] == 3 and "MessageSizeTooLarge" in row["last_error"]
+        next_attempts = "SELECT attempts FROM sagaz_outbox WHERE event_type = 'Next'"
+        async with pg_pool.acquire() as conn:  # blocked behind 'Big' while it was pending
+            assert await conn.fetchval(next_attempts) == 0
+        await worker.run_once()  # a dead event no longer holds its aggregate back
+        async with pg_pool.acquire() as conn:
+            assert await conn.fetchval(next_attempts) == 1
+    finally:
+        await broker.stop()
+
+
+async def test_sent_events_are_pruned_after_the_retention(pg_pool: Any) -> None:
+    async with pg_pool.acquire() as conn:
+        async with conn.transaction():
+            for i in range(3):
+                await insert(conn, aggregate_id=f"a{i}", topic="t", event_type="E",
+                             payload={})
+        await conn.execute("UPDATE sagaz_outbox SET status = 'sent', sent_at = now() - "
+                           "interval '2 hours' WHERE aggregate_id IN ('a0', 'a1')")
+    worker = OutboxWorker(pg_pool, broker_from_url("memory://"), retention=3600)
+    assert await worker.prune() == 2
+    async with pg_pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM sagaz_outbox") == 1
+    with pytest.raises(ValueError, match="retention must be > 0"):
+        OutboxWorker(pg_pool, broker_from_url("memory://"), retention=0)
