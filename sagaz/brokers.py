@@ -40,6 +40,21 @@ class Broker(Protocol):
         ...
 
 
+class _PublishOne:
+    """``publish`` for brokers that implement ``publish_many``."""
+
+    async def publish_many(self, messages: list[tuple[str, str, bytes,
+                                                      dict[str, str] | None]]
+                           ) -> list[BaseException | None]:
+        raise NotImplementedError
+
+    async def publish(self, topic: str, key: str, value: bytes,
+                      headers: dict[str, str] | None = None) -> None:
+        [error] = await self.publish_many([(topic, key, value, headers)])
+        if error is not None:
+            raise BrokerError(f"publish to {topic!r} failed: {type(error).__name__}: {error}")
+
+
 class MemoryBroker:
     def __init__(self) -> None:
         self.topics: dict[str, list[tuple[str, bytes, dict[str, str]]]] = defaultdict(list)
@@ -62,7 +77,7 @@ class MemoryBroker:
         return [None] * len(messages)
 
 
-class KafkaBroker:
+class KafkaBroker(_PublishOne):
     def __init__(self, bootstrap: str, *, linger_ms: int = 2, request_timeout_ms: int = 10000,
                  **producer_options: Any) -> None:
         self.bootstrap = bootstrap
@@ -86,12 +101,6 @@ class KafkaBroker:
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None
-
-    async def publish(self, topic: str, key: str, value: bytes,
-                      headers: dict[str, str] | None = None) -> None:
-        [error] = await self.publish_many([(topic, key, value, headers)])
-        if error is not None:
-            raise BrokerError(f"publish to Kafka failed: {type(error).__name__}: {error}")
 
     async def publish_many(self, messages: list[tuple[str, str, bytes,
                                                       dict[str, str] | None]]
@@ -117,7 +126,7 @@ class KafkaBroker:
         return [r if isinstance(r, BaseException) else None for r in results]
 
 
-class RabbitMQBroker:
+class RabbitMQBroker(_PublishOne):
     """aio-pika, publisher confirms, a durable topic exchange; the topic is the routing key.
 
     Messages are persistent; the aggregate key travels as the ``sagaz-key`` header and as
@@ -145,12 +154,6 @@ class RabbitMQBroker:
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
-
-    async def publish(self, topic: str, key: str, value: bytes,
-                      headers: dict[str, str] | None = None) -> None:
-        [error] = await self.publish_many([(topic, key, value, headers)])
-        if error is not None:
-            raise BrokerError(f"publish to RabbitMQ failed: {type(error).__name__}: {error}")
 
     async def publish_many(self, messages: list[tuple[str, str, bytes,
                                                       dict[str, str] | None]]

@@ -10,13 +10,13 @@ from typing import Any
 import orjson
 import pytest
 
-from sagaz import Engine, Saga
 from sagaz.brokers import BrokerError, KafkaBroker, broker_from_url
 from sagaz.consumer_inbox import ConsumerInbox
 from sagaz.migrations import MIGRATIONS, migrate
 from sagaz.outbox import OptimisticPublisher, OutboxError, OutboxWorker, insert
 from sagaz.postgres_store import PostgresSagaStore
 from sagaz.topics import ensure_topics
+from tests.store_contract import crash_then_resume
 
 pytestmark = pytest.mark.kafka
 
@@ -118,7 +118,9 @@ async def test_two_workers_race_over_10000_events_each_published_once_in_order(
         await asyncio.gather(*tasks)
         for b in brokers:
             await b.stop()
-    assert all(w.published > 0 for w in workers), [w.published for w in workers]
+    # Which worker wins which batch is timing: with every aggregate in every window, order
+    # lets one at a time progress. What must hold: together, each event exactly once.
+    assert sum(w.published for w in workers) == 10_000
     records = await consume_all(kafka_bootstrap, topic, 10_000)
     ids = [dict(r.headers)["event-id"] for r in records]
     assert len(ids) == 10_000 and len(set(ids)) == 10_000  # each exactly once
@@ -272,37 +274,7 @@ async def test_consumer_inbox_commits_the_marker_with_the_handler(pg_pool: Any) 
 
 
 async def test_saga_snapshots_on_postgres_resume_after_a_crash(pg_pool: Any) -> None:
-    store = PostgresSagaStore(pg_pool)
-    gate = asyncio.Event()
-    calls = {"a": 0, "b": 0}
-
-    async def a(ctx: Any) -> str:
-        calls["a"] += 1
-        return "a"
-
-    async def b(ctx: Any) -> str:
-        calls["b"] += 1
-        if calls["b"] == 1:
-            gate.set()
-            await asyncio.sleep(10)
-        return "b"
-
-    saga = Saga("pg-resume")
-    saga.add_step("a", a)
-    saga.add_step("b", b)
-    first = asyncio.create_task(Engine(store).run(saga, {"k": 1}, saga_id="s1",
-                                                  idempotency_key="key-1"))
-    await gate.wait()
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    record = await store.load("s1")
-    assert record is not None and record.status == "running"
-    result = await Engine(store).resume(saga, "s1")
-    assert result.succeeded and calls == {"a": 1, "b": 2}
-    again = await Engine(store).run(saga, {"k": 1}, idempotency_key="key-1")
-    assert again.saga_id == "s1" and again.succeeded and calls == {"a": 1, "b": 2}
-    assert [r.saga_id for r in await store.list(status="completed")] == ["s1"]
+    await crash_then_resume(PostgresSagaStore(pg_pool), "pg-resume")
 
 
 def test_broker_urls_are_checked() -> None:

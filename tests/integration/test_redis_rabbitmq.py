@@ -9,49 +9,19 @@ from typing import Any
 import orjson
 import pytest
 
-from sagaz import Engine, Saga
 from sagaz.brokers import BrokerError, MemoryBroker, RabbitMQBroker, broker_from_url
 from sagaz.outbox import OutboxWorker, insert
 from sagaz.redis_store import RedisInbox, RedisSagaStore
+from tests.store_contract import crash_then_resume
 
 
 async def test_redis_snapshots_resume_a_crashed_run_and_keep_idempotency(
         redis_url: str) -> None:
     store = RedisSagaStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
-    gate = asyncio.Event()
-    calls = {"a": 0, "b": 0}
-
-    async def a(ctx: Any) -> str:
-        calls["a"] += 1
-        ctx.set("seen", True)
-        return "a"
-
-    async def b(ctx: Any) -> str:
-        calls["b"] += 1
-        if calls["b"] == 1:
-            gate.set()
-            await asyncio.sleep(10)
-        return "b"
-
-    saga = Saga("redis-resume")
-    saga.add_step("a", a)
-    saga.add_step("b", b)
-    first = asyncio.create_task(Engine(store).run(saga, {"k": 1}, saga_id="s1",
-                                                  idempotency_key="key-1"))
-    await gate.wait()
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    record = await store.load("s1")
-    assert record is not None and record.status == "running" and record.data["seen"] is True
-    result = await Engine(store).resume(saga, "s1")
-    assert result.succeeded and calls == {"a": 1, "b": 2}
-    assert result.context == {"k": 1, "seen": True}
-    again = await Engine(store).run(saga, {"k": 1}, idempotency_key="key-1")
-    assert again.saga_id == "s1" and calls == {"a": 1, "b": 2}
-    assert [r.saga_id for r in await store.list(status="completed", name="redis-resume")] \
-        == ["s1"]
-    await store.redis.aclose()
+    try:
+        await crash_then_resume(store, "redis-resume")
+    finally:
+        await store.redis.aclose()
 
 
 async def test_redis_inbox_records_replies(redis_url: str) -> None:
