@@ -29,6 +29,7 @@ from sagaz.result import SagaResult
 from sagaz.store import InMemorySagaStore, SagaStore
 
 _RUN, _COMP = 0, 1
+_PLAIN = frozenset({type(None), str, int, float, bool})  # serialisable as they are
 
 
 class _Ids:
@@ -110,12 +111,12 @@ class _Run:
     async def drive(self, state: SagaState, cmds: list[Any]) -> SagaResult:
         self.state = state
         plan, queue, clock, store, ctx = self.plan, self.queue, self.clock, self.store, self.ctx
-        handle, execute = m.handle, self.execute
+        handle, execute, terminal = m.handle, self.execute, m.TERMINAL
         save_each = not store.keeps_live_state
         try:
             await store.save(state, ctx, self.key)
             execute(cmds)
-            while not state.terminal:
+            while state.status not in terminal:
                 if not queue:
                     self.waiter = self.loop.create_future()
                     await self.waiter
@@ -220,7 +221,7 @@ class _Run:
 
     def outcome(self, kind: int, step: str, attempt: int, value: Any,
                 exc: BaseException | None) -> None:
-        if exc is None and kind == _RUN and value is not None:
+        if exc is None and kind == _RUN and type(value) not in _PLAIN:
             try:
                 check_serialisable(f"result of step {step!r}", value)
             except SagaContextError as bad:

@@ -82,7 +82,8 @@ class SagaStatus(enum.StrEnum):
         return self in _TERMINAL
 
 
-_TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
+_TERMINAL = TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED,
+                                  SagaStatus.FAILED})
 
 
 class StepStatus(enum.StrEnum):
