@@ -86,6 +86,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    from sagaz.client import SagaClient
+
+    async def main() -> None:
+        async with SagaClient(_bootstrap(args), prefix=args.prefix or "sagaz",
+                              listen=args.wait) as client:
+            await client.retry_compensations(args.saga_id)
+            print(f"retry requested for {args.saga_id}")
+            if args.wait:
+                _print(await client.wait(args.saga_id, timeout=args.timeout))
+
+    asyncio.run(main())
+    return 0
+
+
 def _query(args: argparse.Namespace, fn: str, *a: Any, **kw: Any) -> int:
     from sagaz.client import SagaClient
 
@@ -129,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait for and print the outcome")
     s.add_argument("--timeout", type=float, default=60.0)
     s.set_defaults(fn=cmd_start)
+
+    r = sub.add_parser("retry", help="operator: retry a failed saga's compensations")
+    r.add_argument("saga_id")
+    r.add_argument("--wait", action="store_true", help="wait for and print the new outcome")
+    r.add_argument("--timeout", type=float, default=60.0)
+    r.set_defaults(fn=cmd_retry)
 
     url_default = os.environ.get("SAGAZ_URL", "http://127.0.0.1:6066")
     url_help = "a worker's HTTP address (default: $SAGAZ_URL or http://127.0.0.1:6066)"

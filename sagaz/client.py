@@ -160,6 +160,13 @@ class SagaClient:
         await self.producer.send_and_wait(f"{self.prefix}.commands", value,
                                           key=saga_id.encode())
 
+    async def retry_compensations(self, saga_id: str, request_id: str | None = None) -> None:
+        """Operator action: retry the failed compensations of a FAILED saga."""
+        value = messages.encode("retry", saga_id, request_id=request_id or uuid.uuid4().hex)
+        self._outcomes.pop(saga_id, None)  # a new outcome will follow
+        await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+                                          key=saga_id.encode())
+
     async def wait(self, saga_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The outcome message of a saga (status, error, data, results)."""
         if not self.listen:

@@ -292,6 +292,23 @@ class Engine:
         cmds = m.resume(plan, state)
         return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
 
+    async def retry_compensations(self, saga: Saga, saga_id: str, *,
+                                  raise_on_failure: bool = False) -> SagaResult:
+        """Operator action: give each failed compensation of a FAILED run one more attempt."""
+        plan = _prepare(saga)
+        record = await self.store.load(saga_id)
+        if record is None:
+            raise KeyError(f"no saga {saga_id!r} in the store")
+        state = SagaState.from_dict(record.state)
+        if state.status is not m.SagaStatus.FAILED:
+            raise ValueError(f"saga {saga_id!r} is {state.status.value}, not failed: only a "
+                             f"failed saga's compensations can be retried")
+        state.confirms_cancel = True
+        ctx = SagaContext(saga_id, saga.name, record.data, record.results)
+        run = _Run(self, saga, plan, ctx, record.idempotency_key)
+        _, cmds = m.handle(plan, state, m.RetryCompensations(), self.clock())
+        return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+
     async def _track(self, saga_id: str, run: _Run,
                      coro: Coroutine[Any, Any, SagaResult]) -> SagaResult:
         if saga_id in self._inflight:

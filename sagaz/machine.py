@@ -21,9 +21,11 @@ The shells (the in-process engine, the Faust orchestrator) carry out the command
     Finish                        the saga reached a terminal status
 
 and report what happened as events: StepSucceeded, StepFailed, StepCancelled,
-CompensationSucceeded, CompensationFailed, TimerFired, CancelRequested. Every step event
-names the (step, attempt) it is about. An event for an attempt that is not the one the state
-is waiting for, a timer that is no longer armed, or anything after the end is *ignored*:
+CompensationSucceeded, CompensationFailed, TimerFired, CancelRequested (and, from an
+operator, RetryCompensations). Every step event names the (step, attempt) it is about. An
+event for an attempt that is not the one the state is waiting for, a timer that is no
+longer armed, or anything after the end (but an operator's retry of a FAILED saga) is
+*ignored*:
 the transition returns the state unchanged and no commands. Duplicated, reordered and stale
 deliveries are therefore harmless.
 
@@ -35,7 +37,9 @@ let them finish, or give them a grace period). COMPENSATING then undoes, in reve
 topological order, every step that succeeded (and, with ``compensate_started``, every step
 that was started): a step is compensated only after each compensated step depending on it,
 directly or not, has been compensated. A compensation that exhausts its retries marks the
-saga FAILED, which needs an operator; the steps it blocks stay uncompensated.
+saga FAILED, which needs an operator; the steps it blocks stay uncompensated. The
+operator's RetryCompensations (accepted only in FAILED) gives each failed compensation
+one more attempt; the blocked steps follow in order if it succeeds.
 
 Step status:
     PENDING -> RUNNING -> SUCCEEDED -> COMPENSATING -> COMPENSATED | COMPENSATION_FAILED
@@ -259,8 +263,12 @@ class CancelRequested(NamedTuple):
     reason: str = "cancel requested"
 
 
+class RetryCompensations(NamedTuple):
+    """Operator action on a FAILED saga: attempt each failed compensation once more."""
+
+
 Event = (StepSucceeded | StepFailed | StepCancelled | CompensationSucceeded
-         | CompensationFailed | TimerFired | CancelRequested)
+         | CompensationFailed | TimerFired | CancelRequested | RetryCompensations)
 
 # --------------------------------------------------------------------------- commands
 
@@ -432,7 +440,7 @@ def start(plan: Plan, saga_id: str, now: float, *,
 
 def handle(plan: Plan, state: SagaState, event: Event, now: float) -> tuple[SagaState, Commands]:
     """Apply one event. Stale, repeated and late events return no commands."""
-    if state.status in _TERMINAL:
+    if state.status in _TERMINAL and type(event) is not RetryCompensations:
         return state, []
     cmds: Commands = []
     if _HANDLERS[type(event)](plan, state, event, now, cmds):
@@ -587,7 +595,7 @@ def _maybe_compensate(plan: Plan, state: SagaState, now: float, cmds: Commands) 
 
 
 def _compensate_if_ready(plan: Plan, state: SagaState, i: int, now: float,
-                         cmds: Commands) -> None:
+                         cmds: Commands, *, attempt: int | None = None) -> None:
     steps = state.steps
     st = steps[i]
     if not st.to_compensate or st.status in _COMP_ACTIVE or st.status in _COMP_SETTLED:
@@ -595,7 +603,7 @@ def _compensate_if_ready(plan: Plan, state: SagaState, i: int, now: float,
     for d in plan.steps[i].descendants:
         if steps[d].to_compensate and steps[d].status is not _COMPENSATED:
             return
-    _run_compensation(plan, state, i, 1, now, cmds)
+    _run_compensation(plan, state, i, attempt or st.comp_attempt + 1, now, cmds)
 
 
 def _maybe_settle(state: SagaState, now: float, cmds: Commands) -> None:
@@ -792,6 +800,22 @@ def _on_cancel(plan: Plan, state: SagaState, ev: CancelRequested, now: float,
     return True
 
 
+def _on_retry_compensations(plan: Plan, state: SagaState, ev: RetryCompensations,
+                            now: float, cmds: Commands) -> bool:
+    if state.status is not _SAGA_FAILED:
+        return False
+    state.status = _SAGA_COMPENSATING
+    state.ended_at = None
+    for i, st in enumerate(state.steps):
+        if st.status is _COMP_FAILED:
+            # One more attempt, numbered on: past the policy's limit, so a failure goes
+            # straight back to FAILED for the operator instead of retrying on its own.
+            st.status = _SUCCEEDED
+            _compensate_if_ready(plan, state, i, now, cmds, attempt=st.comp_attempt + 1)
+    _maybe_settle(state, now, cmds)
+    return True
+
+
 _HANDLERS: dict[type, Any] = {
     StepSucceeded: _on_step_succeeded,
     StepFailed: _on_step_failed,
@@ -800,4 +824,5 @@ _HANDLERS: dict[type, Any] = {
     CompensationFailed: _on_comp_failed,
     TimerFired: _on_timer,
     CancelRequested: _on_cancel,
+    RetryCompensations: _on_retry_compensations,
 }

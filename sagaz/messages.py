@@ -2,9 +2,12 @@
 
 Every message is keyed by saga id. ``decode`` returns a dict whose fields are checked for
 presence and type, or raises MessageError with a reason fit for a dead-letter record.
+An optional ``trace`` (str -> str, e.g. W3C ``traceparent``) given with a start is kept
+with the saga and stamped on every command and outcome it causes.
 
     start       client -> orchestrator   saga, data, idempotency_key
     cancel      client -> orchestrator   reason, request_id
+    retry       operator -> orchestrator request_id: retry a FAILED saga's compensations
     run         orchestrator -> participant   saga, step, attempt, command_id, data, results
     compensate  orchestrator -> participant   (same fields as run)
     result      participant -> orchestrator   command_id, step, attempt, action, ok, result,
@@ -32,6 +35,7 @@ _OPT_STR = (str, type(None))
 SCHEMA: dict[str, dict[str, Any]] = {
     "start": {"saga": _STR, "data": _DICT, "idempotency_key": _OPT_STR},
     "cancel": {"reason": _STR, "request_id": _STR},
+    "retry": {"request_id": _STR},
     "run": {"saga": _STR, "step": _STR, "attempt": _INT, "command_id": _STR, "data": _DICT,
             "results": _DICT},
     "compensate": {"saga": _STR, "step": _STR, "attempt": _INT, "command_id": _STR,
@@ -78,4 +82,8 @@ def decode(raw: bytes | None, *, expect: frozenset[str] | None = None) -> dict[s
                 kind in (_INT, _NUM) and isinstance(value, bool))):
             raise MessageError(f"{type_} field {name!r} has the wrong type "
                                f"({type(value).__name__})")
+    trace = msg.get("trace")
+    if trace is not None and (not isinstance(trace, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in trace.items())):
+        raise MessageError("trace must map str to str (e.g. W3C traceparent)")
     return msg

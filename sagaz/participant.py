@@ -184,7 +184,8 @@ class Participant:
                 except TypeError as exc:
                     ok, result, changed = False, None, {}
                     error = f"result of step {step.name!r} is not serialisable: {exc}"
-        return messages.encode("result", msg["saga_id"], command_id=msg["command_id"],
+        return messages.encode("result", msg["saga_id"], msg.get("trace"),
+                               command_id=msg["command_id"],
                                step=msg["step"], attempt=msg["attempt"], action=action,
                                ok=ok, result=result, error=error, retryable=retryable,
                                set=changed)

@@ -64,7 +64,7 @@ class Output(NamedTuple):
 
 
 _EXPECT = {
-    "commands": frozenset({"start", "cancel"}),
+    "commands": frozenset({"start", "cancel", "retry"}),
     "results": frozenset({"result"}),
     "timers": frozenset({"timer"}),
 }
@@ -132,7 +132,8 @@ class Orchestrator:
         saga, plan = entry
         state, cmds = m.start(plan, msg["saga_id"], now)
         doc = {"v": ROW_VERSION, "saga": saga.name, "state": None, "data": msg["data"],
-               "results": {}, "inbox": ["start"], "key": msg["idempotency_key"]}
+               "results": {}, "inbox": ["start"], "key": msg["idempotency_key"],
+               "trace": msg.get("trace")}
         return self._commit(saga, plan, doc, state, cmds)
 
     def _event(self, msg: dict[str, Any], doc: dict[str, Any], now: float) -> Output:
@@ -163,6 +164,8 @@ class Orchestrator:
         kind = msg["type"]
         if kind == "cancel":
             return f"cancel|{msg['request_id']}", m.CancelRequested(msg["reason"]), None
+        if kind == "retry":
+            return f"retry|{msg['request_id']}", m.RetryCompensations(), None
         if kind == "timer":
             return f"timer|{msg['key']}", m.TimerFired(msg["key"]), None
         step, attempt, action = msg["step"], msg["attempt"], msg["action"]
@@ -213,8 +216,9 @@ class Orchestrator:
                 sends.append((self.topics.participant(participant_of(saga, cmd.step)), key,
                               messages.encode(
                                   "run" if kind is m.RunStep else "compensate", state.saga_id,
-                                  saga=saga.name, step=cmd.step, attempt=cmd.attempt,
-                                  command_id=cmd.command_id, data=doc["data"],
+                                  doc.get("trace"), saga=saga.name, step=cmd.step,
+                                  attempt=cmd.attempt, command_id=cmd.command_id,
+                                  data=doc["data"],
                                   results=doc["results"])))
             elif kind is m.ScheduleTimer:
                 timers.append((cmd.due, cmd.key))
@@ -227,7 +231,7 @@ class Orchestrator:
 
 
 def outcome_message(doc: dict[str, Any], state: SagaState) -> bytes:
-    return messages.encode("outcome", state.saga_id, saga=doc["saga"],
+    return messages.encode("outcome", state.saga_id, doc.get("trace"), saga=doc["saga"],
                            status=state.status.value, error=state.failure,
                            failed_step=state.failed_step, data=doc["data"],
                            results=doc["results"])

@@ -277,6 +277,37 @@ async def test_duplicates_poison_and_idempotent_start(
         assert [s["attempts"] for s in view["steps"]] == [1, 1, 1]
 
 
+async def test_operator_retry_of_a_failed_saga_through_kafka(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    state = {"refund_works": False, "refunds": 0}
+
+    async def charge(ctx: SagaContext) -> str:
+        return "charged"
+
+    async def refund(ctx: SagaContext) -> None:
+        state["refunds"] += 1
+        if not state["refund_works"]:
+            raise RuntimeError("refund service down")
+
+    async def ship(ctx: SagaContext) -> None:
+        raise RuntimeError("no courier")
+
+    saga = Saga("op-retry")
+    saga.add_step("charge", charge, refund, participant="svc")
+    saga.add_step("ship", ship, participant="svc")
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [saga], ["svc"]) as st:
+        sid = await st.client.start("op-retry", {}, trace={"traceparent": "00-abc-def-01"})
+        failed = await st.client.wait(sid, timeout=30)
+        assert failed["status"] == "failed" and state["refunds"] == 1
+        assert failed["trace"] == {"traceparent": "00-abc-def-01"}  # carried to the outcome
+        state["refund_works"] = True
+        await st.client.retry_compensations(sid)
+        fixed = await st.client.wait(sid, timeout=30)
+        assert fixed["status"] == "compensated" and state["refunds"] == 2
+        view = await st.client.status(sid)
+        assert view is not None and view["steps"][0]["compensation_attempts"] == 2
+
+
 async def test_web_views_answer_json_errors(kafka_bootstrap: str, topic_prefix: str,
                                             tmp_path: Any) -> None:
     async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],

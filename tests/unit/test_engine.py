@@ -404,3 +404,36 @@ async def test_bad_run_arguments_are_rejected():
     remote.add_step("pay", None, participant="payments")
     with pytest.raises(ValueError, match=r"cannot run in-process: steps \['pay'\]"):
         await remote.execute()
+
+
+async def test_operator_retries_the_failed_compensations_of_a_failed_saga():
+    log, step, undo = recorder()
+    refund_works = False
+
+    async def refund(ctx):
+        log.append("refund attempt")
+        if not refund_works:
+            raise Boom("refund service down")
+
+    saga = Saga("op")
+    saga.add_step("reserve", step("reserve"), undo("reserve"))
+    saga.add_step("charge", step("charge"), refund, compensation_retry=Retry(attempts=2))
+    saga.add_step("ship", step("ship", fail=True))
+    engine = Engine()
+    failed = await engine.run(saga, saga_id="op-1")
+    assert failed.status is SagaStatus.FAILED and log.count("refund attempt") == 2
+    assert "undo reserve" not in log  # blocked behind the failed refund
+
+    with pytest.raises(ValueError, match="is completed, not failed"):
+        ok_saga = Saga("fine")
+        ok_saga.add_step("a", step("a"))
+        await engine.run(ok_saga, saga_id="fine-1")
+        await engine.retry_compensations(ok_saga, "fine-1")
+
+    again = await engine.retry_compensations(saga, "op-1")  # still broken: one attempt
+    assert again.status is SagaStatus.FAILED and log.count("refund attempt") == 3
+    refund_works = True
+    fixed = await engine.retry_compensations(saga, "op-1")
+    assert fixed.status is SagaStatus.COMPENSATED
+    assert log[-2:] == ["refund attempt", "undo reserve"]  # then the blocked step, in order
+    assert fixed.steps["charge"].compensation_attempts == 4
