@@ -335,3 +335,26 @@ async def test_sent_events_are_pruned_after_the_retention(pg_pool: Any) -> None:
         assert await conn.fetchval("SELECT count(*) FROM sagaz_outbox") == 1
     with pytest.raises(ValueError, match="retention must be > 0"):
         OutboxWorker(pg_pool, broker_from_url("memory://"), retention=0)
+
+
+async def test_a_crashed_workers_lease_expires_and_its_batch_is_taken_over(
+        pg_pool: Any, kafka_bootstrap: str, topic_prefix: str) -> None:
+    from sagaz.outbox import _CLAIM
+
+    topic = f"{topic_prefix}-lease"
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    await fill(pg_pool, topic, 20, aggregates=2)
+    async with pg_pool.acquire() as conn:  # a worker claims with a 1 s lease, then dies
+        claimed = await conn.fetch(_CLAIM, 100, "crashed-worker", 1.0)
+    assert len(claimed) == 20
+    broker = KafkaBroker(kafka_bootstrap)
+    await broker.start()
+    worker = OutboxWorker(pg_pool, broker, poll_interval=0.05)
+    try:
+        assert await worker.run_once() == 0  # leased: hands off
+        await asyncio.sleep(1.2)
+        assert await worker.run_once() == 20  # expired: taken over
+    finally:
+        await broker.stop()
+    records = await consume_all(kafka_bootstrap, topic, 20)
+    assert len({dict(r.headers)["event-id"] for r in records}) == 20 == len(records)

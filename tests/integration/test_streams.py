@@ -308,6 +308,23 @@ async def test_operator_retry_of_a_failed_saga_through_kafka(
         assert view is not None and view["steps"][0]["compensation_attempts"] == 2
 
 
+async def test_cancel_through_kafka_compensates_what_completed(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],
+                     ["inventory", "payment", "shipping"]) as st:
+        oid = f"{topic_prefix}-cancel"
+        sid = await st.client.start("order", {"order_id": oid, "delay": 0.5})
+        await asyncio.sleep(0.8)  # reserve done, charge running
+        await st.client.cancel(sid, reason="customer changed their mind")
+        outcome = await st.client.wait(sid, timeout=30)
+    assert outcome["status"] == "compensated"
+    assert outcome["error"] == "customer changed their mind"
+    ledger = examples.LEDGER
+    # charge was running: its real outcome was awaited and, as it completed, undone too
+    assert (ledger["reserve", oid], ledger["release", oid]) == (1, 1)
+    assert ledger["charge", oid] == ledger["refund", oid] and ledger["ship", oid] == 0
+
+
 async def test_web_views_answer_json_errors(kafka_bootstrap: str, topic_prefix: str,
                                             tmp_path: Any) -> None:
     async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],
