@@ -27,6 +27,7 @@ from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed
 from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
 from sagaz.store import InMemorySagaStore, SagaStore
+from sagaz.tracing import SagaTracer
 
 _RUN, _COMP = 0, 1
 _PLAIN = frozenset({type(None), str, int, float, bool})  # serialisable as they are
@@ -90,12 +91,15 @@ class _Run:
     """One saga run being driven. Not reusable."""
 
     __slots__ = ("actions", "clock", "ctx", "errors", "key", "loop", "plan", "queue", "saga",
-                 "state", "store", "tasks", "timers", "waiter", "watchers")
+                 "span", "spans", "state", "store", "tasks", "timers", "tracer", "waiter",
+                 "watchers")
 
     def __init__(self, engine: Engine, saga: Saga, plan: Plan, ctx: SagaContext,
                  key: str | None) -> None:
         self.saga, self.plan, self.ctx, self.key = saga, plan, ctx, key
-        self.store, self.clock = engine.store, engine.clock
+        self.store, self.clock, self.tracer = engine.store, engine.clock, engine.tracer
+        self.span: Any = None  # the run's span, when tracing
+        self.spans: dict[tuple[int, str, int], Any] = {}  # attempt -> its span
         self.actions = saga.actions
         self.loop = asyncio.get_running_loop()
         self.queue: deque[tuple[Any, Any]] = deque()
@@ -113,6 +117,8 @@ class _Run:
         plan, queue, clock, store, ctx = self.plan, self.queue, self.clock, self.store, self.ctx
         handle, execute, terminal = m.handle, self.execute, m.TERMINAL
         save_each = not store.keeps_live_state
+        if self.tracer is not None:
+            self.span = self.tracer.run_span(plan.name, state.saga_id)
         try:
             await store.save(state, ctx, self.key)
             execute(cmds)
@@ -136,6 +142,9 @@ class _Run:
         finally:
             if self.timers or self.tasks:
                 await self.settle()
+            if self.tracer is not None and self.span is not None:
+                self.tracer.end(self.span, None if state.status is m.SagaStatus.COMPLETED
+                                else f"{state.status.value}: {state.failure}")
         failed = state.failed_step
         return SagaResult(plan, state, ctx.data, ctx.results,
                                      self.errors.get(failed) if failed else None)
@@ -193,6 +202,10 @@ class _Run:
             self.outcome(kind, step, attempt, None, asyncio.CancelledError())
 
     def start(self, kind: int, step: str, attempt: int) -> None:
+        if self.tracer is not None:
+            self.spans[(kind, step, attempt)] = self.tracer.attempt_span(
+                self.span, "step" if kind == _RUN else "compensate", step, attempt,
+                self.ctx.saga_id)
         fn = self.actions[step][kind]
         try:
             coro: Any = fn(self.ctx)  # type: ignore[misc]  # _prepare: actions exist
@@ -221,6 +234,10 @@ class _Run:
 
     def outcome(self, kind: int, step: str, attempt: int, value: Any,
                 exc: BaseException | None) -> None:
+        if self.tracer is not None:
+            span = self.spans.pop((kind, step, attempt), None)
+            if span is not None:
+                self.tracer.end(span, None if exc is None else _describe(exc))
         if exc is None and kind == _RUN and type(value) not in _PLAIN:
             try:
                 check_serialisable(f"result of step {step!r}", value)
@@ -250,9 +267,11 @@ class Engine:
     """Runs sagas in this process. Holds no per-saga state besides its store."""
 
     def __init__(self, store: SagaStore | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tracer: SagaTracer | None = None
+                 ) -> None:
         self.store: SagaStore = store if store is not None else InMemorySagaStore()
         self.clock = clock
+        self.tracer = tracer  # sagaz.tracing.SagaTracer: spans per run and attempt
         self._inflight: dict[str, _Run] = {}
 
     async def run(self, saga: Saga, data: dict[str, Any] | None = None, *,

@@ -46,7 +46,8 @@ def _describe(exc: BaseException) -> str:
 class Participant:
     def __init__(self, service: str, sagas: Iterable[Saga], *, bootstrap: str,
                  prefix: str = "sagaz", inbox: Inbox | None = None,
-                 max_batch: int = 500, commit_interval: float = 0.2) -> None:
+                 max_batch: int = 500, commit_interval: float = 0.2,
+                 tracer: Any = None) -> None:
         if not service or not all(c.isalnum() or c in "._-" for c in service):
             raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
         self.service = service
@@ -58,6 +59,7 @@ class Participant:
         self.inbox: Inbox = inbox if inbox is not None else MemoryInbox()
         self.max_batch = max_batch
         self.commit_interval = commit_interval
+        self.tracer = tracer  # an OpenTelemetry tracer: a span per command, in the saga's trace
         self._done: dict[Any, int] = {}  # replied-to offsets not yet committed
         self._next_commit = 0.0
         self.steps: dict[tuple[str, str], Step] = {}
@@ -145,7 +147,13 @@ class Participant:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._running[command_id] = fut
         try:
-            reply = await self.execute(msg)
+            if self.tracer is None:
+                reply = await self.execute(msg)
+            else:
+                from sagaz.tracing import span_for_command
+
+                with span_for_command(self.tracer, msg):
+                    reply = await self.execute(msg)
             await self.inbox.put(self.service, command_id, reply)
             fut.set_result(reply)
         except BaseException as exc:

@@ -1,0 +1,67 @@
+"""OpenTelemetry spans, with the SDK's in-memory exporter (no collector)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import StatusCode
+
+from sagaz import Engine, Retry, Saga
+from sagaz.tracing import SagaTracer, span_for_command
+
+
+def tracer_and_spans():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("test"), exporter
+
+
+async def test_engine_spans_a_run_and_each_attempt():
+    tracer, exporter = tracer_and_spans()
+    calls = 0
+
+    async def flaky(ctx):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("first try")
+
+    async def bad(ctx):
+        raise ValueError("nope")
+
+    async def undo(ctx):
+        return None
+
+    saga = Saga("traced")
+    saga.add_step("flaky", flaky, undo, retry=Retry(attempts=2))
+    saga.add_step("bad", bad)
+    await Engine(tracer=SagaTracer(tracer)).run(saga, saga_id="t-1")
+    spans = {(s.name, s.attributes.get("sagaz.attempt")): s for s in exporter.get_finished_spans()}
+    assert set(spans) == {("saga traced", None), ("step flaky", 1), ("step flaky", 2),
+                          ("step bad", 1), ("compensate flaky", 1)}
+    root = spans["saga traced", None]
+    assert root.status.status_code is StatusCode.ERROR and "compensated" in root.status.description
+    assert spans["step flaky", 1].status.description == "ConnectionError: first try"
+    assert all(s.parent.span_id == root.context.span_id
+               for k, s in spans.items() if k[0] != "saga traced")
+
+
+def test_participant_spans_continue_the_senders_trace():
+    tracer, exporter = tracer_and_spans()
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    msg = {"type": "run", "step": "charge", "saga_id": "s", "attempt": 1,
+           "trace": {"traceparent": parent}}
+    with span_for_command(tracer, msg):
+        pass
+    [span] = exporter.get_finished_spans()
+    assert span.name == "run charge"
+    assert f"{span.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert f"{span.parent.span_id:016x}" == "b7ad6b7169203331"
