@@ -26,15 +26,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         bootstrap=args.bootstrap, prefix=args.prefix, partitions=args.partitions,
         datadir=args.datadir, worker_id=args.worker_id, web_port=args.web_port,
-        sagas=tuple(args.sagas) if args.sagas else None, log_level=args.log_level)
+        sagas=tuple(args.sagas) if args.sagas else None, log_level=args.log_level,
+        log_format=args.log_format)
     run_worker(settings)
     return 0
 
 
 def cmd_participant(args: argparse.Namespace) -> int:
+    from sagaz.logs import configure
     from sagaz.participant import Participant
     from streams.config import load_sagas
 
+    configure(args.log_level or "info", args.log_format)
     participant = Participant(args.service, load_sagas(args.sagas), bootstrap=_bootstrap(args),
                               prefix=args.prefix or "sagaz")
 
@@ -121,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sagaz", description=__doc__)
     ap.add_argument("--bootstrap", help="Kafka host:port (default: $KAFKA_BOOTSTRAP_SERVERS)")
     ap.add_argument("--prefix", help="topic prefix (default: sagaz)")
+    ap.add_argument("--log-format", choices=["text", "json"], default="text",
+                    help="log lines for worker and participant processes")
     sub = ap.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("worker", help="run an orchestrator stream worker")
@@ -135,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("participant", help="run a participant service")
     p.add_argument("--service", required=True)
     p.add_argument("--sagas", nargs="+", required=True)
+    p.add_argument("--log-level")
     p.set_defaults(fn=cmd_participant)
 
     s = sub.add_parser("start", help="start a saga")

@@ -84,6 +84,7 @@ class OrchestratorApp:
             canonical_url=f"http://{settings.web_host}:{settings.web_port}",
             web_tables_enabled=False,  # saga rows are served by our views only
             table_cleanup_interval=3600,
+            **self._log_options(settings),
             **settings.extra,
         )
         self.inputs = app.topic(*self.topics.inputs, partitions=n, key_type=bytes,
@@ -97,6 +98,19 @@ class OrchestratorApp:
         from streams.views import register
 
         register(self)
+
+    @staticmethod
+    def _log_options(settings: Settings) -> dict[str, Any]:
+        if settings.log_format != "json":
+            return {}
+        from sagaz.logs import JsonFormatter
+
+        # faust's own console handler is replaced: one JSON object per line, nothing else
+        return {"logging_config": {
+            "version": 1, "disable_existing_loggers": False,
+            "formatters": {"json": {"()": JsonFormatter}},
+            "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json"}},
+            "root": {"handlers": ["stderr"], "level": settings.log_level.upper()}}}
 
     @property
     def changelog_topic(self) -> str:

@@ -32,6 +32,7 @@ class Settings:
     # How long the group waits for a silent (crashed) worker before its partitions move.
     session_timeout: float = 10.0
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one JSON object per line
     extra: dict[str, Any] = field(default_factory=dict)  # passed to faust.App
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class Settings:
             raise bad("session_timeout", "must be at least 6 seconds (Kafka's group minimum)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise bad("log_level", "must be debug, info, warning, error or critical")
+        if self.log_format not in ("text", "json"):
+            raise bad("log_format", "must be text or json")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
