@@ -29,9 +29,14 @@ LOGS = Path("var/demo")
 
 
 def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    from sagaz.testing.kafka import _die_with_parent
+
     with open(log, "ab") as out:
+        # Own sessions: Ctrl-C reaches the demo alone, which then stops the participants
+        # and the worker before the broker, instead of everything at once.
         return subprocess.Popen([sys.executable, "-m", "sagaz.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def _bar(done: int, total: int, started: float, width: int = 40) -> str:
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         print("shutting down...", flush=True)
-        for p in procs:
+        for p in reversed(procs):  # participants first, then the worker
             if p.poll() is None:
                 p.terminate()
         for p in procs:

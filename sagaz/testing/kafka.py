@@ -209,7 +209,9 @@ class LocalKafka:
         self.proc = subprocess.Popen(
             self._java(libs, "kafka.Kafka", str(cfg)),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            # Its own session: a terminal's Ctrl-C reaches only the owner, which stops its
+            # clients before the broker. It still dies with the owner (PR_SET_PDEATHSIG).
+            preexec_fn=_die_with_parent, start_new_session=True,
         )
         out.close()
         atexit.register(self.stop)
