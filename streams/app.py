@@ -173,6 +173,8 @@ class OrchestratorApp:
                 self.metrics.events.labels("repeated" if out.sends else "stale").inc()
             if out.timers:
                 self.timers.arm(event.key.decode(), out.timers)
+            if out.disarmed:
+                self.timers.disarm(event.key.decode(), out.disarmed)
             # Straight to the aiokafka client (faust's wrapper costs ~60 us a message; its
             # flush before each offset commit still covers these). Every output is keyed by
             # saga id, so on a topic with as many partitions as the input its partition is
@@ -216,6 +218,7 @@ class OrchestratorApp:
         if assignment != self._assignment:
             self._assignment = assignment
             self.rebuild_timers()
+        self.timers.compact()
         due = self.timers.due(time.time())
         if not due:
             return

@@ -21,7 +21,7 @@ Effectively once, over at-least-once delivery:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -61,6 +61,7 @@ class Output(NamedTuple):
     sends: list[tuple[str, bytes, bytes]]  # (topic, key, value)
     timers: list[tuple[float, str]]  # (due, timer key) to arm
     dead_letter: str | None  # reason, when the input is rejected
+    disarmed: Sequence[str] = ()  # timer keys no longer armed
 
 
 _EXPECT = {
@@ -194,21 +195,22 @@ class Orchestrator:
         saga, plan = self.sagas[doc["saga"]]
         state = SagaState.from_dict(doc["state"])
         if state.terminal or doc["inbox"][-1] == event_id:
-            sends, timers = self._translate(saga, doc, state, m.resume(plan, state))
+            sends, timers, _ = self._translate(saga, doc, state, m.resume(plan, state))
             return Output(None, sends, timers, None)
         return Output(None, [], [], None)
 
     def _commit(self, saga: Saga, plan: Plan, doc: dict[str, Any], state: SagaState,
                 cmds: list[Any]) -> Output:
         doc["state"] = state.to_dict()
-        sends, timers = self._translate(saga, doc, state, cmds)
-        return Output(orjson.dumps(doc), sends, timers, None)
+        sends, timers, disarmed = self._translate(saga, doc, state, cmds)
+        return Output(orjson.dumps(doc), sends, timers, None, disarmed)
 
     def _translate(self, saga: Saga, doc: dict[str, Any], state: SagaState,
                    cmds: list[Any]) -> tuple[list[tuple[str, bytes, bytes]],
-                                             list[tuple[float, str]]]:
+                                             list[tuple[float, str]], list[str]]:
         sends: list[tuple[str, bytes, bytes]] = []
         timers: list[tuple[float, str]] = []
+        disarmed: list[str] = []
         key = state.saga_id.encode()
         for cmd in cmds:
             kind = type(cmd)
@@ -222,12 +224,13 @@ class Orchestrator:
                                   results=doc["results"])))
             elif kind is m.ScheduleTimer:
                 timers.append((cmd.due, cmd.key))
+            elif kind is m.CancelTimer:
+                disarmed.append(cmd.key)
             elif kind is m.Finish:
                 sends.append((self.topics.outcomes, key, outcome_message(doc, state)))
             # CancelStep/CancelCompensation: a remote attempt cannot be stopped; the machine
-            # runs with confirms_cancel=False and stops waiting for it. CancelTimer: a fired
-            # timer that is no longer armed is ignored.
-        return sends, timers
+            # runs with confirms_cancel=False and stops waiting for it.
+        return sends, timers, disarmed
 
 
 def outcome_message(doc: dict[str, Any], state: SagaState) -> bytes:
