@@ -71,7 +71,7 @@ async def run(bootstrap: str, args: argparse.Namespace, work: Path) -> None:
             async def wave(n: int, rate: float | None) -> tuple[float, list[float]]:
                 ids: list[str] = []
                 t0 = clock()
-                chunk = 50
+                chunk = 50 if rate is None else 1  # paced: a steady stream, not bursts
                 for i in range(0, n, chunk):
                     if rate is not None:  # pace: chunk i is due at t0 + i / rate
                         await asyncio.sleep(max(0.0, t0 + i / rate - clock()))
