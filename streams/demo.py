@@ -46,7 +46,8 @@ def _bar(done: int, total: int, started: float, width: int = 40) -> str:
 
 
 
-async def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+async def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Poll a worker's /health/ready; fail early if one of ``procs`` exits."""
     import aiohttp
 
     deadline = time.monotonic() + timeout
@@ -78,7 +79,7 @@ async def run(args: argparse.Namespace, bootstrap: str, procs: list[Any]) -> Non
     procs.append(_spawn([*common, "worker", "--sagas", "streams.examples", "--partitions", "4",
                          "--datadir", str(logs / f"data-{prefix}"), "--web-port", str(port),
                          "--log-level", "warning"], logs / "worker.log", env))
-    await _wait_ready(url, procs, 120)  # the worker declares the topics the others use
+    await wait_ready(url, procs, 120)  # the worker declares the topics the others use
     for service in SERVICES:
         procs.append(_spawn([*common, "participant", "--service", service, "--sagas",
                              "streams.examples"], logs / f"{service}.log", env))

@@ -46,7 +46,7 @@ def spawn(args: list[str], log: Path, profile: Path | None = None) -> subprocess
 async def run(bootstrap: str, args: argparse.Namespace, work: Path) -> None:
     from sagaz.client import SagaClient
     from sagaz.testing.kafka import free_port
-    from streams.demo import _wait_ready
+    from streams.demo import wait_ready
 
     prefix, port = f"bench{int(time.time())}", free_port()
     url = f"http://127.0.0.1:{port}"
@@ -57,7 +57,7 @@ async def run(bootstrap: str, args: argparse.Namespace, work: Path) -> None:
                     str(port), "--log-level", "warning"], work / "worker.log", prof)
     procs = [worker]
     try:
-        await _wait_ready(url, procs, 120)
+        await wait_ready(url, procs, 120)
         procs.append(spawn([*common, "participant", "--service", "bench", "--sagas",
                             "streams.examples:bench"], work / "participant.log"))
         sent: dict[str, float] = {}

@@ -25,6 +25,7 @@ from sagaz.topics import TopicMismatch, ensure_topics
 from streams import examples
 from streams.app import OrchestratorApp
 from streams.config import Settings
+from streams.demo import wait_ready
 
 pytestmark = pytest.mark.kafka
 PARTITIONS = 4
@@ -373,18 +374,6 @@ def _worker(bootstrap: str, prefix: str, datadir: str, port: int, log: Any) -> A
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-async def _ready(url: str, timeout: float = 90) -> None:
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(url + "/health/ready") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"worker at {url} not ready in {timeout}s")
-
-
 async def test_kill_9_the_worker_with_200_sagas_in_flight(
         kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
     n, prefix, datadir, port = 200, topic_prefix, str(tmp_path / "w"), free_port()
@@ -396,7 +385,7 @@ async def test_kill_9_the_worker_with_200_sagas_in_flight(
         worker = _worker(kafka_bootstrap, prefix, datadir, port, log)
         tasks: list[asyncio.Task[None]] = []
         try:
-            await _ready(url)
+            await wait_ready(url, [worker], 90)
             tasks = [asyncio.create_task(p.run()) for p in participants]
             async with SagaClient(kafka_bootstrap, prefix=prefix, url=url) as client:
                 items = orders(prefix, n, delay=0.02)
