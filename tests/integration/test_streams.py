@@ -388,11 +388,13 @@ async def test_kill_9_the_worker_with_200_sagas_in_flight(
             await wait_ready(url, [worker], 90)
             tasks = [asyncio.create_task(p.run()) for p in participants]
             async with SagaClient(kafka_bootstrap, prefix=prefix, url=url) as client:
-                items = orders(prefix, n, delay=0.02)
+                items = orders(prefix, n, delay=0.3)  # each saga takes >= 0.9 s
                 for i, item in enumerate(items):
                     item["decline"] = i % 4 == 0
                 ids = await client.start_many("order", items)
-                await asyncio.sleep(0.5)
+                async with asyncio.timeout(60):  # kill once work is under way, not before
+                    while sum(examples.LEDGER["reserve", it["order_id"]] for it in items) < 20:
+                        await asyncio.sleep(0.02)
                 worker.send_signal(signal.SIGKILL)  # mid-flight: no clean shutdown
                 worker.wait()
                 killed = time.monotonic()
