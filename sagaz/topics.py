@@ -7,6 +7,7 @@ local table does not hold its state. So topics are created up front, never auto-
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 
@@ -36,7 +37,15 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
             for name, code, *_ in getattr(response, "topic_errors", []):
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise RuntimeError(f"creating topic {name!r} failed with error code {code}")
-            existing.update(await _partition_counts(admin, [t.name for t in missing]))
+            # CreateTopics returns when the controller has them; the broker's metadata can
+            # lag a little. Wait (bounded) until they are visible before checking counts.
+            created = [t.name for t in missing]
+            for _ in range(100):
+                found = await _partition_counts(admin, created)
+                if len(found) == len(created):
+                    break
+                await asyncio.sleep(0.1)
+            existing.update(found)
     finally:
         await admin.close()
     if check:
