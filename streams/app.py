@@ -20,9 +20,11 @@ import weakref
 from typing import Any
 
 import faust
+import orjson
 from faust.streams import _current_event
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.topics import ensure_topics
 from streams.config import Settings
@@ -204,8 +206,6 @@ class OrchestratorApp:
                                      None, None, headers)
 
     def _count_finished(self, value: bytes) -> None:
-        import orjson
-
         doc = orjson.loads(value)
         self.metrics.finished.labels(doc["saga"], doc["status"]).inc()
 
@@ -222,8 +222,6 @@ class OrchestratorApp:
         due = self.timers.due(time.time())
         if not due:
             return
-        from sagaz import messages
-
         producer = self.app.producer
         for due_at, saga_id, key in due:
             await producer.send(self.topics.timers, saga_id.encode(),
@@ -233,8 +231,6 @@ class OrchestratorApp:
 
     def rebuild_timers(self) -> None:
         """Scan the rows of this worker's active partitions for armed timers."""
-        import orjson
-
         self.timers.clear()
         count = 0
         for key, row in self.table.items():
