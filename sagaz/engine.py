@@ -26,7 +26,7 @@ from sagaz.definition import Saga
 from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed
 from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
-from sagaz.store import InMemorySagaStore, SagaStore
+from sagaz.store import InMemorySagaStore, SagaRecord, SagaStore
 from sagaz.tracing import SagaTracer
 
 _RUN, _COMP = 0, 1
@@ -91,8 +91,7 @@ class _Run:
     """One saga run being driven. Not reusable."""
 
     __slots__ = ("actions", "clock", "ctx", "errors", "key", "loop", "plan", "queue", "saga",
-                 "span", "spans", "state", "store", "tasks", "timers", "tracer", "waiter",
-                 "watchers")
+                 "span", "spans", "store", "tasks", "timers", "tracer", "waiter", "watchers")
 
     def __init__(self, engine: Engine, saga: Saga, plan: Plan, ctx: SagaContext,
                  key: str | None) -> None:
@@ -107,13 +106,11 @@ class _Run:
         self.tasks: dict[tuple[int, str, int], asyncio.Task[Any]] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.errors: dict[str, BaseException] = {}
-        self.state: SagaState = None  # type: ignore[assignment]
         self.watchers: asyncio.Future[SagaResult] | None = None  # made when someone waits
 
     # -- the loop
 
     async def drive(self, state: SagaState, cmds: list[Any]) -> SagaResult:
-        self.state = state
         plan, queue, clock, store, ctx = self.plan, self.queue, self.clock, self.store, self.ctx
         handle, execute, terminal = m.handle, self.execute, m.TERMINAL
         save_each = not store.keeps_live_state
@@ -147,7 +144,7 @@ class _Run:
                                 else f"{state.status.value}: {state.failure}")
         failed = state.failed_step
         return SagaResult(plan, state, ctx.data, ctx.results,
-                                     self.errors.get(failed) if failed else None)
+                          self.errors.get(failed) if failed else None)
 
     async def settle(self) -> None:
         """Nothing may outlive the run: disarm timers, cancel and await abandoned attempts."""
@@ -297,36 +294,39 @@ class Engine:
     async def resume(self, saga: Saga, saga_id: str, *,
                      raise_on_failure: bool = False) -> SagaResult:
         """Continue a run from its stored state: in-flight attempts are issued again."""
-        plan = _prepare(saga)
         if saga_id in self._inflight:
             return _check(await self._wait(self._inflight[saga_id]), raise_on_failure)
+        record, state = await self._load(saga, saga_id)
+        return await self._continue(saga, record, state, m.resume(saga.plan, state),
+                                    raise_on_failure)
+
+    async def retry_compensations(self, saga: Saga, saga_id: str, *,
+                                  raise_on_failure: bool = False) -> SagaResult:
+        """Operator action: give each failed compensation of a FAILED run one more attempt."""
+        record, state = await self._load(saga, saga_id)
+        if state.status is not m.SagaStatus.FAILED:
+            raise ValueError(f"saga {saga_id!r} is {state.status.value}, not failed: only a "
+                             f"failed saga's compensations can be retried")
+        state.confirms_cancel = True
+        _, cmds = m.handle(saga.plan, state, m.RetryCompensations(), self.clock())
+        return await self._continue(saga, record, state, cmds, raise_on_failure)
+
+    async def _load(self, saga: Saga, saga_id: str) -> tuple[SagaRecord, SagaState]:
+        """A stored run of this saga definition, and its machine state."""
+        _prepare(saga)
         record = await self.store.load(saga_id)
         if record is None:
             raise KeyError(f"no saga {saga_id!r} in the store")
         if record.name != saga.name:
             raise ValueError(f"saga {saga_id!r} is a {record.name!r}, not a {saga.name!r}")
-        state = SagaState.from_dict(record.state)
-        ctx = SagaContext(saga_id, saga.name, record.data, record.results)
-        run = _Run(self, saga, plan, ctx, record.idempotency_key)
-        cmds = m.resume(plan, state)
-        return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+        return record, SagaState.from_dict(record.state)
 
-    async def retry_compensations(self, saga: Saga, saga_id: str, *,
-                                  raise_on_failure: bool = False) -> SagaResult:
-        """Operator action: give each failed compensation of a FAILED run one more attempt."""
-        plan = _prepare(saga)
-        record = await self.store.load(saga_id)
-        if record is None:
-            raise KeyError(f"no saga {saga_id!r} in the store")
-        state = SagaState.from_dict(record.state)
-        if state.status is not m.SagaStatus.FAILED:
-            raise ValueError(f"saga {saga_id!r} is {state.status.value}, not failed: only a "
-                             f"failed saga's compensations can be retried")
-        state.confirms_cancel = True
-        ctx = SagaContext(saga_id, saga.name, record.data, record.results)
-        run = _Run(self, saga, plan, ctx, record.idempotency_key)
-        _, cmds = m.handle(plan, state, m.RetryCompensations(), self.clock())
-        return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+    async def _continue(self, saga: Saga, record: SagaRecord, state: SagaState,
+                        cmds: list[Any], raise_on_failure: bool) -> SagaResult:
+        ctx = SagaContext(state.saga_id, saga.name, record.data, record.results)
+        run = _Run(self, saga, saga.plan, ctx, record.idempotency_key)
+        return _check(await self._track(state.saga_id, run, run.drive(state, cmds)),
+                      raise_on_failure)
 
     async def _track(self, saga_id: str, run: _Run,
                      coro: Coroutine[Any, Any, SagaResult]) -> SagaResult:
@@ -356,12 +356,11 @@ class Engine:
         run = self._inflight.get(saga_id)
         if run is not None:
             return await self._wait(run)
-        record = await self.store.load(saga_id)
-        if record is None:
+        result = await self.get(saga, saga_id)
+        if result is None:
             raise KeyError(f"idempotency key is bound to saga {saga_id!r}, which the store "
                            f"no longer holds")
-        state = SagaState.from_dict(record.state)
-        return SagaResult(saga.plan, state, record.data, record.results)
+        return result
 
     async def get(self, saga: Saga, saga_id: str) -> SagaResult | None:
         """The current view of a run (live or finished), or None if the store has no such run."""
@@ -369,7 +368,7 @@ class Engine:
         if record is None:
             return None
         return SagaResult(_prepare(saga), SagaState.from_dict(record.state),
-                                     record.data, record.results)
+                          record.data, record.results)
 
 
 def _prepare(saga: Saga) -> Plan:

@@ -83,11 +83,10 @@ class SagaStatus(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in _TERMINAL
+        return self in TERMINAL
 
 
-_TERMINAL = TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED,
-                                  SagaStatus.FAILED})
+TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
 
 
 class StepStatus(enum.StrEnum):
@@ -382,7 +381,7 @@ class SagaState:
 
     @property
     def terminal(self) -> bool:
-        return self.status in _TERMINAL
+        return self.status in TERMINAL
 
     def step(self, plan: Plan, name: str) -> StepState:
         return self.steps[plan.index[name]]
@@ -440,7 +439,7 @@ def start(plan: Plan, saga_id: str, now: float, *,
 
 def handle(plan: Plan, state: SagaState, event: Event, now: float) -> tuple[SagaState, Commands]:
     """Apply one event. Stale, repeated and late events return no commands."""
-    if state.status in _TERMINAL and type(event) is not RetryCompensations:
+    if state.status in TERMINAL and type(event) is not RetryCompensations:
         return state, []
     cmds: Commands = []
     if _HANDLERS[type(event)](plan, state, event, now, cmds):
@@ -455,7 +454,7 @@ def resume(plan: Plan, state: SagaState) -> Commands:
     Re-running an attempt is safe because its command id is the same: participants dedupe.
     """
     cmds: Commands = []
-    if state.status in _TERMINAL:
+    if state.status in TERMINAL:
         return [Finish(state.status)]
     for sp, st in zip(plan.steps, state.steps, strict=True):
         if st.status is _RUNNING:

@@ -430,6 +430,9 @@ async def test_operator_retries_the_failed_compensations_of_a_failed_saga():
         await engine.run(ok_saga, saga_id="fine-1")
         await engine.retry_compensations(ok_saga, "fine-1")
 
+    with pytest.raises(ValueError, match="saga 'op-1' is a 'op', not a 'fine'"):
+        await engine.retry_compensations(ok_saga, "op-1")  # the wrong definition
+
     again = await engine.retry_compensations(saga, "op-1")  # still broken: one attempt
     assert again.status is SagaStatus.FAILED and log.count("refund attempt") == 3
     refund_works = True
