@@ -22,6 +22,7 @@ import orjson
 
 from sagaz import messages
 from sagaz.definition import Saga
+from sagaz.topics import topic_partition
 
 _NAMESPACE = uuid.UUID("5d3c1a52-8f9e-4c59-9a36-0f9b4b1f2a77")
 
@@ -66,7 +67,7 @@ class SagaClient:
                                               enable_auto_commit=False)
             await self._consumer.start()
             partitions = await self._wait_for_partitions(topic)
-            tps = [_tp(topic, p) for p in partitions]
+            tps = [topic_partition(topic, p) for p in partitions]
             self._consumer.assign(tps)
             await self._consumer.seek_to_end(*tps)
             for tp in tps:  # resolve the end offsets now: later outcomes are not missed
@@ -201,9 +202,3 @@ class SagaClient:
             if resp.status >= 400:
                 raise RuntimeError(f"GET {path} -> {resp.status}: {body.get('error')}")
             return body
-
-
-def _tp(topic: str, partition: int) -> Any:
-    from aiokafka import TopicPartition
-
-    return TopicPartition(topic, partition)

@@ -23,7 +23,7 @@ from typing import Any
 from sagaz import machine as m
 from sagaz.context import SagaContext, check_serialisable
 from sagaz.definition import Saga
-from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed
+from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed, describe
 from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
 from sagaz.store import InMemorySagaStore, SagaRecord, SagaStore
@@ -80,11 +80,6 @@ class _Continue:
 
 async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
     return await _Continue(coro, first)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class _Run:
@@ -234,7 +229,7 @@ class _Run:
         if self.tracer is not None:
             span = self.spans.pop((kind, step, attempt), None)
             if span is not None:
-                self.tracer.end(span, None if exc is None else _describe(exc))
+                self.tracer.end(span, None if exc is None else describe(exc))
         if exc is None and kind == _RUN and type(value) not in _PLAIN:
             try:
                 check_serialisable(f"result of step {step!r}", value)
@@ -253,10 +248,10 @@ class _Run:
             if cancelled:
                 self.push(m.StepCancelled(step, attempt))
             else:
-                self.push(m.StepFailed(step, attempt, _describe(exc), policy.retry.retryable(exc)))
+                self.push(m.StepFailed(step, attempt, describe(exc), policy.retry.retryable(exc)))
         else:
             self.push(m.CompensationFailed(
-                step, attempt, "cancelled" if cancelled else _describe(exc),
+                step, attempt, "cancelled" if cancelled else describe(exc),
                 not cancelled and policy.compensation_retry.retryable(exc)))
 
 

@@ -8,6 +8,12 @@ if TYPE_CHECKING:
     from sagaz.result import SagaResult
 
 
+def describe(exc: BaseException) -> str:
+    """'Type: message' (or just the type): how step errors are recorded and reported."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class SagazError(Exception):
     """Base of every sagaz exception."""
 

@@ -48,6 +48,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
+def dead_letter_headers(reason: str, topic: str, partition: int,
+                        offset: int) -> list[tuple[str, bytes]]:
+    """Kafka headers of a dead letter: why, and where the original came from. The value
+    and key are the original bytes, untouched."""
+    return [("sagaz-reason", reason.encode()),
+            ("sagaz-source", f"{topic}:{partition}:{offset}".encode())]
+
+
 def encode(type_: str, saga_id: str, trace: dict[str, str] | None = None, **fields: Any) -> bytes:
     body = {"v": VERSION, "type": type_, "saga_id": saga_id, **fields}
     if trace:

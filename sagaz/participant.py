@@ -25,22 +25,14 @@ import orjson
 from sagaz import messages
 from sagaz.context import SagaContext
 from sagaz.definition import Saga, Step
+from sagaz.errors import describe
 from sagaz.inbox import Inbox, MemoryInbox
 from sagaz.messages import MessageError
+from sagaz.topics import topic_partition
 
 log = logging.getLogger("sagaz.participant")
 
 _COMMANDS = frozenset({"run", "compensate"})
-
-
-def _tp(topic: str, partition: int) -> Any:
-    from aiokafka import TopicPartition
-
-    return TopicPartition(topic, partition)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Participant:
@@ -117,7 +109,7 @@ class Participant:
                    for topic, key, value, headers in replies]
         await asyncio.gather(*pending)  # every reply acknowledged before committing
         for r in records:
-            self._done[_tp(r.topic, r.partition)] = r.offset + 1
+            self._done[topic_partition(r.topic, r.partition)] = r.offset + 1
         if time.monotonic() >= self._next_commit:  # not per batch: a commit is a round trip
             await self.commit()
 
@@ -132,10 +124,8 @@ class Participant:
             msg = messages.decode(record.value, expect=_COMMANDS)
         except MessageError as exc:
             log.warning("dead-lettering %s@%s: %s", record.topic, record.offset, exc)
-            return (self.dead_letters, record.key, record.value,
-                    [("sagaz-reason", str(exc).encode()),
-                     ("sagaz-source", f"{record.topic}:{record.partition}:{record.offset}"
-                      .encode())])
+            return (self.dead_letters, record.key, record.value, messages.dead_letter_headers(
+                str(exc), record.topic, record.partition, record.offset))
         saga_id, command_id = msg["saga_id"], msg["command_id"]
         key = saga_id.encode()
         running = self._running.get(command_id)
@@ -183,7 +173,7 @@ class Participant:
                 result = await fn(ctx)
                 ok = True
             except Exception as exc:
-                error, retryable = _describe(exc), policy.retryable(exc)
+                error, retryable = describe(exc), policy.retryable(exc)
             if ok:
                 changed = {k: v for k, v in ctx.data.items()
                            if k not in before or before[k] != v}

@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Any
+
+
+def topic_partition(topic: str, partition: int) -> Any:
+    """aiokafka's TopicPartition, imported when first needed (aiokafka is optional)."""
+    from aiokafka import TopicPartition
+
+    return TopicPartition(topic, partition)
 
 
 class TopicMismatch(RuntimeError):

@@ -199,9 +199,8 @@ class OrchestratorApp:
         self.metrics.events.labels("dead_letter").inc()
         log.warning("dead-lettering %s:%s@%s: %s", message.topic, message.partition,
                     message.offset, reason)
-        headers = [("sagaz-reason", reason.encode()),
-                   ("sagaz-source", f"{message.topic}:{message.partition}:{message.offset}"
-                    .encode())]
+        headers = messages.dead_letter_headers(reason, message.topic, message.partition,
+                                               message.offset)
         await self.app.producer.send(self.topics.dead_letters, message.key, message.value,
                                      None, None, headers)
 
