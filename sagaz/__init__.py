@@ -24,6 +24,14 @@ _EXPORTS = {
     "Engine": "sagaz.engine",
     "InMemorySagaStore": "sagaz.store",
     "SagaStore": "sagaz.store",
+    "Storage": "sagaz.storage",
+    "open_storage": "sagaz.storage",
+    "MemoryStorage": "sagaz.memory_storage",
+    "PostgresStorage": "sagaz.postgres_storage",
+    "RedisStorage": "sagaz.redis_storage",
+    "OutboxWorker": "sagaz.outbox",
+    "OptimisticPublisher": "sagaz.outbox",
+    "ConsumerInbox": "sagaz.consumer_inbox",
     "SagazError": "sagaz.errors",
     "SagaDefinitionError": "sagaz.errors",
     "SagaContextError": "sagaz.errors",
@@ -47,11 +55,17 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from typing import Any
 
+    from sagaz.consumer_inbox import ConsumerInbox
     from sagaz.context import SagaContext
     from sagaz.definition import DAGSaga, Saga, Step
     from sagaz.engine import Engine
     from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed, SagazError
     from sagaz.machine import SagaStatus, StepStatus
+    from sagaz.memory_storage import MemoryStorage
+    from sagaz.outbox import OptimisticPublisher, OutboxWorker
     from sagaz.policy import FailureStrategy, Retry
+    from sagaz.postgres_storage import PostgresStorage
+    from sagaz.redis_storage import RedisStorage
     from sagaz.result import SagaResult, StepRecord
+    from sagaz.storage import Storage, open_storage
     from sagaz.store import InMemorySagaStore, SagaStore

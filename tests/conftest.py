@@ -14,7 +14,8 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -98,13 +99,13 @@ def postgres_url() -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-async def pg_pool(postgres_url: str) -> Any:
-    """A pool on a fresh, migrated database of this test's own."""
+@asynccontextmanager
+async def fresh_pg_pool(postgres_url: str) -> AsyncIterator[Any]:
+    """A pool on a fresh, migrated database of its own."""
     import asyncpg
 
     from sagaz.migrations import migrate
-    from sagaz.outbox import init_connection
+    from sagaz.postgres_storage import init_connection
 
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres_url)
@@ -118,6 +119,20 @@ async def pg_pool(postgres_url: str) -> Any:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def pg_pool(postgres_url: str) -> AsyncIterator[Any]:
+    async with fresh_pg_pool(postgres_url) as pool:
+        yield pool
+
+
+@pytest.fixture
+async def pg_storage(postgres_url: str) -> AsyncIterator[Any]:
+    from sagaz.postgres_storage import PostgresStorage
+
+    async with fresh_pg_pool(postgres_url) as pool:
+        yield PostgresStorage(pool)
 
 
 def _local_service(env: str, what: str, factory: Any, container: Any) -> Iterator[str]:

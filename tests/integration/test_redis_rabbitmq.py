@@ -10,18 +10,9 @@ import orjson
 import pytest
 
 from sagaz.brokers import BrokerError, MemoryBroker, RabbitMQBroker, broker_from_url
-from sagaz.outbox import OutboxWorker, insert
-from sagaz.redis_store import RedisInbox, RedisSagaStore
-from tests.store_contract import crash_then_resume
-
-
-async def test_redis_snapshots_resume_a_crashed_run_and_keep_idempotency(
-        redis_url: str) -> None:
-    store = RedisSagaStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
-    try:
-        await crash_then_resume(store, "redis-resume")
-    finally:
-        await store.redis.aclose()
+from sagaz.outbox import OutboxWorker
+from sagaz.postgres_storage import PostgresStorage
+from sagaz.redis_storage import RedisInbox
 
 
 async def test_redis_inbox_records_replies(redis_url: str) -> None:
@@ -46,14 +37,15 @@ async def test_outbox_worker_publishes_to_rabbitmq_with_confirms(
     queue = await channel.declare_queue(exclusive=True)
     await queue.bind(ex, routing_key="orders")
 
+    outbox = PostgresStorage(pg_pool).outbox
     async with pg_pool.acquire() as conn, conn.transaction():
         for i in range(200):
-            await insert(conn, aggregate_id=f"o{i % 5}", topic="orders", event_type="E",
-                         payload={"n": i})
+            await outbox.add(conn, aggregate_id=f"o{i % 5}", topic="orders", event_type="E",
+                             payload={"n": i})
     broker = broker_from_url(rabbitmq_url, exchange=exchange)
     assert isinstance(broker, RabbitMQBroker)
     await broker.start()
-    worker = OutboxWorker(pg_pool, broker, batch_size=50, poll_interval=0.02)
+    worker = OutboxWorker(outbox, broker, batch_size=50, poll_interval=0.02)
     task = asyncio.create_task(worker.run())
     got: list[Any] = []
     try:
@@ -93,45 +85,3 @@ async def test_memory_broker_keeps_order() -> None:
     assert [v for _, v, _ in broker.topics["t"]] == [b"1", b"2"]
 
 
-@pytest.mark.parametrize("kind", ["redis", "memory"])
-async def test_consumer_inbox_on_redis_and_in_memory(redis_url: str, kind: str) -> None:
-    from sagaz.consumer_inbox import MemoryConsumerInbox, RedisConsumerInbox
-
-    redis = None
-    if kind == "redis":
-        import redis.asyncio as aioredis
-
-        redis = aioredis.from_url(redis_url)
-        prefix = f"t{uuid.uuid4().hex[:8]}"
-        inbox: Any = RedisConsumerInbox(redis, "billing", prefix=prefix)
-    else:
-        inbox = MemoryConsumerInbox("billing")
-    calls = 0
-
-    async def handler(payload: Any, tx: Any) -> dict[str, Any]:
-        nonlocal calls
-        calls += 1
-        if tx is not None:  # the handler's own write, in the marker's transaction
-            tx.incrby(f"{prefix}:balance", payload["amt"])
-        await asyncio.sleep(0.01)  # let racing duplicates overlap
-        if payload.get("fail") and calls == 1:
-            raise RuntimeError("handler failed")
-        return {"booked": payload["amt"]}
-
-    with pytest.raises(RuntimeError, match="handler failed"):
-        await inbox.process_idempotent("e1", "orders", "Paid", {"amt": 5, "fail": True},
-                                       handler)
-    assert not await inbox.seen("e1")  # no marker: a redelivery runs it again
-    assert await inbox.process_idempotent("e1", "orders", "Paid", {"amt": 5, "fail": True},
-                                          handler) == {"booked": 5}
-    results = await asyncio.gather(*(inbox.process_idempotent(
-        "e2", "orders", "Paid", {"amt": 7}, handler) for _ in range(5)))
-    assert results == [{"booked": 7}] * 5
-    if redis is not None:
-        # racing deliveries may all run the handler, but only one transaction commits
-        assert int(await redis.get(f"{prefix}:balance")) == 5 + 7
-        await redis.aclose()
-    else:
-        assert calls == 3  # in memory the lock serialises them
-    with pytest.raises(ValueError, match="event_id must be a non-empty str"):
-        await inbox.process_idempotent("", "t", "E", {}, handler)

@@ -1,0 +1,331 @@
+"""One contract for every Storage backend: PostgreSQL and Redis (real servers) and memory.
+
+Outbox events, consumer-inbox markers and saga snapshots behave the same on each; where
+a backend cannot (memory has no transactions) the test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+
+from sagaz.brokers import KafkaBroker, MemoryBroker
+from sagaz.consumer_inbox import ConsumerInbox
+from sagaz.memory_storage import MemoryStorage
+from sagaz.outbox import OptimisticPublisher, OutboxWorker
+from sagaz.storage import Backoff, OutboxError, Storage, open_storage
+from sagaz.topics import ensure_topics
+from tests.store_contract import crash_then_resume
+
+BACKENDS = ["postgres", "redis", "memory"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def storage(request: Any) -> AsyncIterator[Storage]:
+    if request.param == "postgres":
+        from sagaz.postgres_storage import PostgresStorage
+        from tests.conftest import fresh_pg_pool
+
+        async with fresh_pg_pool(request.getfixturevalue("postgres_url")) as pool:
+            yield PostgresStorage(pool)
+        return
+    if request.param == "redis":
+        from sagaz.redis_storage import RedisStorage
+
+        store: Any = RedisStorage(request.getfixturevalue("redis_url"),
+                                  prefix=f"t{uuid.uuid4().hex[:8]}")
+    else:
+        store = MemoryStorage()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def transaction(storage: Any) -> AsyncIterator[Any]:
+    """The backend's business transaction: commits on exit, rolls back on an exception."""
+    if hasattr(storage, "pool"):
+        async with storage.pool.acquire() as conn, conn.transaction():
+            yield conn
+    elif hasattr(storage, "redis"):
+        async with storage.redis.pipeline(transaction=True) as pipe:
+            pipe.multi()
+            yield pipe
+            await pipe.execute()
+    else:
+        yield None
+
+
+async def add(storage: Storage, tx: Any, aggregate: str, n: int, **kw: Any) -> Any:
+    return await storage.outbox.add(tx, aggregate_id=aggregate, topic=kw.pop("topic", "t"),
+                                    event_type=kw.pop("event_type", "Counted"),
+                                    payload={"n": n}, **kw)
+
+
+async def fill(storage: Storage, n: int, aggregates: int, **kw: Any) -> None:
+    async with transaction(storage) as tx:
+        for i in range(n):
+            await add(storage, tx, f"agg-{i % aggregates}", i, **kw)
+
+
+async def test_an_event_commits_or_rolls_back_with_the_business_change(
+        storage: Storage) -> None:
+    async with transaction(storage) as tx:
+        event = await add(storage, tx, "o1", 1, headers={"tenant": "acme"})
+    assert event.payload == {"n": 1} and event.headers == {"tenant": "acme"}
+    assert await storage.outbox.counts() == {"pending": 1, "sent": 0, "dead": 0}
+    if isinstance(storage, MemoryStorage):
+        return  # no transactions in memory: nothing to roll back
+    with pytest.raises(RuntimeError, match="business failure"):
+        async with transaction(storage) as tx:
+            await add(storage, tx, "o2", 2)
+            raise RuntimeError("business failure")
+    assert (await storage.outbox.counts())["pending"] == 1
+    with pytest.raises(OutboxError, match="needs the caller's"):
+        await add(storage, None, "o3", 3)
+
+
+@pytest.mark.parametrize(("kw", "error"), [
+    ({"aggregate_id": ""}, "aggregate_id must be a non-empty str"),
+    ({"topic": 5}, "topic must be a non-empty str"),
+    ({"payload": {"when": {1, 2}}}, "payload of 'E' is not JSON-serialisable"),
+    ({"headers": {"n": 1}}, "headers must map str to str"),
+    ({"delay": -1}, "delay must be a number of seconds >= 0"),
+    ({"event_id": ""}, "event_id must be a non-empty str or None"),
+])
+async def test_malformed_events_are_rejected_at_add(storage: Storage, kw: dict[str, Any],
+                                                    error: str) -> None:
+    args: dict[str, Any] = {"aggregate_id": "a", "topic": "t", "event_type": "E",
+                            "payload": {}, **kw}
+    async with transaction(storage) as tx:
+        with pytest.raises(OutboxError, match=error):
+            await storage.outbox.add(tx, **args)
+    assert (await storage.outbox.counts())["pending"] == 0
+
+
+async def test_claims_hand_each_aggregate_to_one_worker_oldest_events_first(
+        storage: Storage) -> None:
+    await fill(storage, 60, aggregates=6)  # interleaved: agg-0 has 0, 6, 12, ...
+    expected = {f"agg-{k}": list(range(k, 60, 6)) for k in range(6)}
+
+    def per_aggregate(batch: list[Any]) -> dict[str, list[int]]:
+        per: dict[str, list[int]] = {}
+        for e in batch:
+            per.setdefault(e.aggregate_id, []).append(e.payload["n"])
+        return per
+
+    outbox = storage.outbox
+    a = await outbox.claim("A", 5, 30)
+    b = await outbox.claim("B", 5, 30)
+    # The second worker gets other aggregates at once (a claim by id window would give it
+    # nothing: every window holds an earlier event of an aggregate the first one holds).
+    assert len(a) == len(b) == 5
+    assert not per_aggregate(a).keys() & per_aggregate(b).keys()
+    for batch in (a, b):  # a prefix of each aggregate's queue, in order
+        for agg, ns in per_aggregate(batch).items():
+            assert ns == expected[agg][:len(ns)], agg
+    rest = await outbox.claim("C", 100, 30)
+    assert len(rest) == 40  # the four other aggregates, whole; not the rest of A's or B's
+    assert not per_aggregate(rest).keys() & (per_aggregate(a).keys() | per_aggregate(b).keys())
+    # A settles: its aggregates go to the next claim, from where A left off.
+    await outbox.settle("A", a, [], [], Backoff())
+    again = per_aggregate(await outbox.claim("D", 100, 30))
+    done = per_aggregate(a)
+    assert again.keys() == done.keys()
+    for agg, ns in again.items():
+        assert ns == expected[agg][len(done[agg]):], agg
+
+
+async def test_two_workers_publish_interleaved_aggregates_once_in_order_both_working(
+        storage: Storage) -> None:
+    await fill(storage, 3000, aggregates=60)
+    broker = MemoryBroker()
+    workers = [OutboxWorker(storage.outbox, broker, batch_size=50, poll_interval=0.01)
+               for _ in range(2)]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        async with asyncio.timeout(60):
+            while (await storage.outbox.counts())["pending"]:
+                await asyncio.sleep(0.05)
+    finally:
+        for w in workers:
+            await w.stop()
+        await asyncio.gather(*tasks)
+    published = broker.topics["t"]
+    assert len(published) == 3000 == sum(w.published for w in workers)
+    per: dict[str, list[int]] = {}
+    for key, value, _ in published:
+        per.setdefault(key, []).append(orjson.loads(value)["n"])
+    assert all(ns == sorted(ns) and len(ns) == 50 for ns in per.values())
+    assert all(w.published > 0 for w in workers), [w.published for w in workers]
+
+
+async def test_a_dead_workers_lease_expires_and_its_events_are_taken_over(
+        storage: Storage) -> None:
+    await fill(storage, 10, aggregates=2)
+    outbox = storage.outbox
+    crashed = await outbox.claim("crashed", 100, 0.4)
+    assert len(crashed) == 10
+    assert await outbox.claim("B", 100, 30) == []  # leased: hands off
+    await outbox.renew("B", crashed, 30)  # renewing someone else's lease does nothing
+    await asyncio.sleep(0.6)
+    taken = await outbox.claim("B", 100, 30)
+    assert sorted(e.event_id for e in taken) == sorted(e.event_id for e in crashed)
+    await outbox.renew("crashed", crashed, 30)  # too late: no longer the owner
+    await outbox.settle("B", taken, [], [], Backoff())
+    await outbox.settle("crashed", crashed, [], [], Backoff())  # a late settle changes nothing
+    assert await outbox.counts() == {"pending": 0, "sent": 10, "dead": 0}
+
+
+async def test_failing_events_back_off_go_dead_with_their_error_and_can_be_requeued(
+        storage: Storage, kafka_bootstrap: str, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}-dead"
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    # a real client that refuses a message larger than its max_request_size
+    small = KafkaBroker(kafka_bootstrap, max_request_size=256)
+    await small.start()
+    async with transaction(storage) as tx:
+        big = await storage.outbox.add(tx, aggregate_id="a", topic=topic, event_type="Big",
+                                       payload={"blob": "x" * 400})
+        await storage.outbox.add(tx, aggregate_id="a", topic=topic, event_type="Next",
+                                 payload={})
+        await storage.outbox.add(tx, aggregate_id="b", topic=topic, event_type="Other",
+                                 payload={})
+    worker = OutboxWorker(storage.outbox, small, max_attempts=3, backoff=0.2,
+                          max_backoff=0.4)
+    try:
+        assert await worker.run_once() == 3  # Big fails, Next is released, Other goes out
+        assert await storage.outbox.counts() == {"pending": 2, "sent": 1, "dead": 0}
+        assert await worker.run_once() == 0  # Big backs off; Next waits behind it
+        async with asyncio.timeout(20):
+            while not await storage.outbox.dead():
+                await worker.run_once()
+                await asyncio.sleep(0.05)
+        [(event, error)] = await storage.outbox.dead()
+        assert event.event_id == big.event_id and event.attempts == 3
+        assert "MessageSizeTooLarge" in error
+        assert await worker.run_once() == 1  # a dead event no longer holds its aggregate
+        assert await storage.outbox.counts() == {"pending": 0, "sent": 2, "dead": 1}
+    finally:
+        await small.stop()
+    # the operator raises the limit and requeues it
+    broker = KafkaBroker(kafka_bootstrap)
+    await broker.start()
+    try:
+        assert await storage.outbox.requeue([big.event_id, "no-such-event"]) == 1
+        assert await OutboxWorker(storage.outbox, broker).run_once() == 1
+    finally:
+        await broker.stop()
+    assert await storage.outbox.counts() == {"pending": 0, "sent": 3, "dead": 0}
+
+
+async def test_optimistic_publish_marks_sent_only_in_order_and_after_an_ack(
+        storage: Storage) -> None:
+    broker = MemoryBroker()
+    publisher = OptimisticPublisher(storage.outbox, broker)
+    async with transaction(storage) as tx:
+        first = await add(storage, tx, "a", 1, delay=5)
+        second = await add(storage, tx, "a", 2, delay=5)
+    assert await publisher.publish_after_commit(second) is False  # 'first' is not out yet
+    assert await publisher.publish_after_commit(first) is True
+    assert await publisher.publish_after_commit(second) is True
+    assert [orjson.loads(v)["n"] for _, v, _ in broker.topics["t"]] == [1, 2]
+    assert await storage.outbox.counts() == {"pending": 0, "sent": 2, "dead": 0}
+    # the worker leaves a delayed event alone meanwhile
+    async with transaction(storage) as tx:
+        await add(storage, tx, "b", 3, delay=5)
+    assert await OutboxWorker(storage.outbox, broker).run_once() == 0
+
+
+async def test_sent_events_are_pruned_after_the_retention(storage: Storage) -> None:
+    await fill(storage, 4, aggregates=4)
+    outbox = storage.outbox
+    await outbox.settle("w", await outbox.claim("w", 2, 30), [], [], Backoff())
+    assert await outbox.prune(3600) == 0  # too recent
+    await asyncio.sleep(0.2)
+    assert await outbox.prune(0.1) == 2
+    assert await outbox.counts() == {"pending": 2, "sent": 0, "dead": 0}
+    with pytest.raises(ValueError, match="retention must be > 0"):
+        OutboxWorker(outbox, MemoryBroker(), retention=0)
+
+
+async def test_the_inbox_marker_commits_with_the_handlers_writes(storage: Storage) -> None:
+    """A handler's own write (a ledger row) and an outbox event it emits commit with the
+    marker; a failing handler leaves neither; duplicates, racing too, apply once."""
+    is_pg, is_redis = hasattr(storage, "pool"), hasattr(storage, "redis")
+    ledger: list[tuple[str, int]] = []  # memory: the handler's "database"
+    if is_pg:
+        async with storage.pool.acquire() as conn:  # type: ignore[attr-defined]
+            await conn.execute("CREATE TABLE ledger (event_id TEXT, amount INT)")
+    key = f"{getattr(storage, 'prefix', '')}:ledger"
+    calls = 0
+
+    async def handler(payload: Any, tx: Any) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if is_pg:
+            await tx.execute("INSERT INTO ledger VALUES ($1, $2)", payload["id"],
+                             payload["amt"])
+        elif is_redis:
+            tx.rpush(key, f"{payload['id']}:{payload['amt']}")
+        await storage.outbox.add(tx, aggregate_id=payload["id"], topic="billing",
+                                 event_type="Booked", payload=payload)
+        await asyncio.sleep(0.01)  # let racing duplicates overlap
+        if payload.get("fail") and calls == 1:
+            raise RuntimeError("handler failed")
+        if not (is_pg or is_redis):
+            ledger.append((payload["id"], payload["amt"]))
+        return {"booked": payload["amt"]}
+
+    inbox = ConsumerInbox(storage, "billing")
+    fail = {"id": "e1", "amt": 5, "fail": True}
+    with pytest.raises(RuntimeError, match="handler failed"):
+        await inbox.process_idempotent("e1", "orders", "Paid", fail, handler)
+    assert not await inbox.seen("e1")  # no marker: a redelivery runs it again
+    assert await inbox.process_idempotent("e1", "orders", "Paid", fail, handler) == \
+        {"booked": 5}
+    results = await asyncio.gather(*(inbox.process_idempotent(
+        "e2", "orders", "Paid", {"id": "e2", "amt": 7}, handler) for _ in range(5)))
+    assert results == [{"booked": 7}] * 5
+    # keyed by (consumer, event id): another consumer runs its own handler
+    assert await ConsumerInbox(storage, "shipping").process_idempotent(
+        "e2", "orders", "Paid", {"id": "e2", "amt": 7}, handler) == {"booked": 7}
+    if is_pg:
+        async with storage.pool.acquire() as conn:  # type: ignore[attr-defined]
+            rows = await conn.fetch("SELECT event_id, amount FROM ledger ORDER BY event_id")
+        ledger = [(r["event_id"], r["amount"]) for r in rows]
+    elif is_redis:
+        raw = await storage.redis.lrange(key, 0, -1)  # type: ignore[attr-defined]
+        ledger = sorted(tuple(x.decode().split(":")) for x in raw)  # type: ignore[misc]
+        ledger = [(i, int(a)) for i, a in ledger]
+    assert sorted(ledger) == [("e1", 5), ("e2", 7), ("e2", 7)]
+    if is_pg or not is_redis:
+        assert calls == 4  # the racing duplicates waited for the first, then returned
+    if not isinstance(storage, MemoryStorage):  # the outbox event committed with each
+        assert (await storage.outbox.counts())["pending"] == 3
+    with pytest.raises(ValueError, match="event_id must be a non-empty str"):
+        await inbox.process_idempotent("", "t", "E", {}, handler)
+    with pytest.raises(ValueError, match="consumer_name must be a non-empty str"):
+        ConsumerInbox(storage, "")
+
+
+async def test_saga_snapshots_resume_a_crashed_run(storage: Storage) -> None:
+    await crash_then_resume(storage.sagas, f"resume-{type(storage).__name__}")
+
+
+async def test_storage_urls() -> None:
+    storage = await open_storage("memory://")
+    assert isinstance(storage, MemoryStorage)
+    with pytest.raises(ValueError, match="unknown storage URL 'mysql://x'"):
+        await open_storage("mysql://x")
+    with pytest.raises(TypeError, match="storage must be a sagaz Storage"):
+        ConsumerInbox(object(), "billing")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="outbox must be an OutboxStore"):
+        OutboxWorker(storage, MemoryBroker())  # type: ignore[arg-type]
