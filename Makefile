@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-kafka lint demo bench bench-streams kafka clean
+.PHONY: venv test test-unit test-kafka lint demo bench bench-streams bench-outbox kafka clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ bench: venv           ## in-process engine against sagaz 1.5.0 (needs ../shared/
 
 bench-streams: venv   ## sagas/s and latency through Kafka
 	$(PY) tests/bench/bench_streams.py
+
+bench-outbox: venv    ## outbox and inbox on PostgreSQL, Redis, memory -> Kafka
+	$(PY) tests/bench/bench_outbox.py
 
 kafka: venv           ## a broker in the foreground, for development
 	$(PY) -m sagaz.testing.kafka start --partitions 4

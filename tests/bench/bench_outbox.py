@@ -4,10 +4,11 @@
     python tests/bench/bench_outbox.py [-n 50000]
 
 - optimistic publish latency (publish_after_commit: order check, publish + ack, mark sent);
-- outbox worker throughput PostgreSQL -> Kafka with 1 and 2 workers (N events, 1,000
-  aggregates, from a full table to empty);
+- outbox worker throughput -> Kafka with 1 and 2 workers (N events over 1,000 interleaved
+  aggregates, from full to empty), for each storage: PostgreSQL, Redis, memory;
 - consumer inbox duplicate check latency (process_idempotent of an event already seen).
-Uses SAGAZ_TEST_POSTGRES_URL / KAFKA_BOOTSTRAP_SERVERS when set, else local servers.
+Uses SAGAZ_TEST_POSTGRES_URL / SAGAZ_TEST_REDIS_URL / KAFKA_BOOTSTRAP_SERVERS when set,
+else local servers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ async def fresh_pool(url: str) -> Any:
     import asyncpg
 
     from sagaz.migrations import migrate
-    from sagaz.outbox import init_connection
+    from sagaz.postgres_storage import init_connection
 
     name = f"bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(url)
@@ -48,10 +49,63 @@ async def fresh_pool(url: str) -> Any:
     return pool
 
 
-async def run(pg_url: str, bootstrap: str, n: int) -> None:
+async def fill(storage: Any, topic: str, n: int) -> None:
+    from sagaz.postgres_storage import PostgresStorage
+
+    rows = [(uuid.uuid4().hex, f"agg-{i % 1000}", {"i": i}) for i in range(n)]
+    if isinstance(storage, PostgresStorage):  # bulk load; the outbox reads it the same
+        async with storage.pool.acquire() as conn:
+            await conn.executemany(
+                "INSERT INTO sagaz_outbox (event_id, aggregate_id, topic, event_type, payload) "
+                "VALUES ($1, $2, $3, 'E', $4)", [(e, a, topic, p) for e, a, p in rows])
+        return
+    for start in range(0, n, 1000):
+        tx = None
+        if hasattr(storage, "redis"):
+            tx = storage.redis.pipeline(transaction=True)
+            tx.multi()
+        for event_id, agg, payload in rows[start:start + 1000]:
+            await storage.outbox.add(tx, aggregate_id=agg, topic=topic, event_type="E",
+                                     payload=payload, event_id=event_id)
+        if tx is not None:
+            await tx.execute()
+            await tx.reset()
+
+
+async def worker_throughput(storage: Any, bootstrap: str, topic: str, n: int,
+                            workers: int) -> float:
+    from sagaz.brokers import KafkaBroker
+    from sagaz.outbox import OutboxWorker
+
+    await fill(storage, topic, n)
+    brokers = [KafkaBroker(bootstrap) for _ in range(workers)]
+    for b in brokers:
+        await b.start()
+    ws = [OutboxWorker(storage.outbox, b, batch_size=1000, poll_interval=0.01)
+          for b in brokers]
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(w.run()) for w in ws]
+    while sum(w.published for w in ws) < n:
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - t0
+    for w in ws:
+        await w.stop()
+    await asyncio.gather(*tasks)
+    for b in brokers:
+        await b.stop()
+    share = "/".join(f"{w.published / n:.0%}" for w in ws)
+    print(f"  x{workers}  {n / elapsed:8.0f} events/s  ({n} events in {elapsed:.2f}s; "
+          f"shares {share})")
+    return n / elapsed
+
+
+async def run(pg_url: str, redis_url: str, bootstrap: str, n: int) -> None:
     from sagaz.brokers import KafkaBroker
     from sagaz.consumer_inbox import ConsumerInbox
-    from sagaz.outbox import OptimisticPublisher, OutboxWorker, insert
+    from sagaz.memory_storage import MemoryStorage
+    from sagaz.outbox import OptimisticPublisher
+    from sagaz.postgres_storage import PostgresStorage
+    from sagaz.redis_storage import RedisStorage
     from sagaz.topics import ensure_topics
 
     topic = f"bench-outbox-{uuid.uuid4().hex[:6]}"
@@ -60,47 +114,38 @@ async def run(pg_url: str, bootstrap: str, n: int) -> None:
     await broker.start()
 
     pool = await fresh_pool(pg_url)
-    publisher = OptimisticPublisher(pool, broker)
+    storage = PostgresStorage(pool)
+    publisher = OptimisticPublisher(storage.outbox, broker)
     lat = []
     for i in range(2200):
         async with pool.acquire() as conn, conn.transaction():
-            event = await insert(conn, aggregate_id=f"a{i % 100}", topic=topic,
-                                 event_type="E", payload={"i": i}, delay=30)
+            event = await storage.outbox.add(conn, aggregate_id=f"a{i % 100}", topic=topic,
+                                             event_type="E", payload={"i": i}, delay=30)
         t0 = time.perf_counter()
         assert await publisher.publish_after_commit(event)
         lat.append(time.perf_counter() - t0)
     lat = lat[200:]
-    print(f"optimistic publish        p50 {pct(lat, 50) * 1e3:6.2f} ms   "
+    print(f"optimistic publish (PostgreSQL)  p50 {pct(lat, 50) * 1e3:6.2f} ms   "
           f"p99 {pct(lat, 99) * 1e3:6.2f} ms   (n={len(lat)})")
     await pool.close()
 
-    for workers in (1, 2):
-        pool = await fresh_pool(pg_url)
-        async with pool.acquire() as conn:
-            await conn.executemany(
-                "INSERT INTO sagaz_outbox (event_id, aggregate_id, topic, event_type, payload) "
-                "VALUES ($1, $2, $3, 'E', $4)",
-                [(uuid.uuid4().hex, f"agg-{i % 1000}", topic, {"i": i}) for i in range(n)])
-        brokers = [KafkaBroker(bootstrap) for _ in range(workers)]
-        for b in brokers:
-            await b.start()
-        ws = [OutboxWorker(pool, b, batch_size=1000, poll_interval=0.01) for b in brokers]
-        t0 = time.perf_counter()
-        tasks = [asyncio.create_task(w.run()) for w in ws]
-        while sum(w.published for w in ws) < n:
-            await asyncio.sleep(0.01)
-        elapsed = time.perf_counter() - t0
-        for w in ws:
-            await w.stop()
-        await asyncio.gather(*tasks)
-        for b in brokers:
-            await b.stop()
-        print(f"outbox worker x{workers}          {n / elapsed:8.0f} events/s  "
-              f"({n} events in {elapsed:.2f}s)")
-        await pool.close()
+    for name in ("PostgreSQL", "Redis", "memory"):
+        print(f"outbox worker, {name} -> Kafka")
+        for workers in (1, 2):
+            if name == "PostgreSQL":
+                pool = await fresh_pool(pg_url)
+                store: Any = PostgresStorage(pool)
+            elif name == "Redis":
+                store = RedisStorage(redis_url, prefix=f"bench{uuid.uuid4().hex[:6]}")
+            else:
+                store = MemoryStorage()
+            await worker_throughput(store, bootstrap, topic, n, workers)
+            await store.close()
+            if name == "PostgreSQL":
+                await pool.close()
 
     pool = await fresh_pool(pg_url)
-    inbox = ConsumerInbox(pool, "bench")
+    inbox = ConsumerInbox(PostgresStorage(pool), "bench")
 
     async def handler(payload: Any, conn: Any) -> int:
         return 1
@@ -113,7 +158,7 @@ async def run(pg_url: str, bootstrap: str, n: int) -> None:
         t0 = time.perf_counter()
         await inbox.process_idempotent(e, "t", "E", {}, handler)
         lat.append(time.perf_counter() - t0)
-    print(f"inbox duplicate check     p50 {pct(lat, 50) * 1e3:6.2f} ms   "
+    print(f"inbox duplicate check (PostgreSQL)  p50 {pct(lat, 50) * 1e3:6.2f} ms   "
           f"p99 {pct(lat, 99) * 1e3:6.2f} ms   mean {statistics.fmean(lat) * 1e3:.2f} ms")
     await pool.close()
     await broker.stop()
@@ -126,20 +171,27 @@ def main() -> None:
     print(f"machine: {machine()}")
     from sagaz.testing.kafka import LocalKafka
     from sagaz.testing.postgres import LocalPostgres
+    from sagaz.testing.redis import LocalRedis
 
-    pg = kafka = None
+    pg = kafka = redis = None
     pg_url = os.environ.get("SAGAZ_TEST_POSTGRES_URL")
+    redis_url = os.environ.get("SAGAZ_TEST_REDIS_URL")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     try:
         if not pg_url:
             pg = LocalPostgres().start()
             pg_url = pg.url
+        if not redis_url:
+            redis = LocalRedis().start()
+            redis_url = redis.url
         if not bootstrap:
             kafka = LocalKafka(partitions=4).start()
             bootstrap = kafka.bootstrap_servers
-        print(f"postgres {pg_url}; kafka {bootstrap}")
-        asyncio.run(run(pg_url, bootstrap, args.n))
+        print(f"postgres {pg_url}; redis {redis_url}; kafka {bootstrap}")
+        asyncio.run(run(pg_url, redis_url, bootstrap, args.n))
     finally:
+        if redis is not None:
+            redis.stop()
         if kafka is not None:
             kafka.stop()
         if pg is not None:
