@@ -104,6 +104,61 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_url(args: argparse.Namespace) -> str:
+    url = args.storage or os.environ.get("SAGAZ_STORAGE_URL") or os.environ.get(
+        "SAGAZ_DATABASE_URL")
+    if not url:
+        raise ValueError("give --storage postgresql://... | redis://... "
+                         "(or set SAGAZ_STORAGE_URL)")
+    return str(url)
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from sagaz.storage import open_storage
+
+    async def main() -> Any:
+        storage = await open_storage(_storage_url(args))
+        try:
+            if args.outbox_command == "run":
+                return await _run_outbox(args, storage)
+            if args.outbox_command == "status":
+                return await storage.outbox.counts()
+            if args.outbox_command == "dead":
+                return [{"event_id": e.event_id, "aggregate_id": e.aggregate_id,
+                         "topic": e.topic, "event_type": e.event_type,
+                         "attempts": e.attempts, "last_error": error}
+                        for e, error in await storage.outbox.dead(args.limit)]
+            return {"requeued": await storage.outbox.requeue(args.event_ids)}
+        finally:
+            await storage.close()
+
+    result = asyncio.run(main())
+    if result is not None:
+        _print(result)
+    return 0
+
+
+async def _run_outbox(args: argparse.Namespace, storage: Any) -> None:
+    from sagaz.brokers import broker_from_url
+    from sagaz.logs import configure
+    from sagaz.outbox import OutboxWorker
+
+    configure(args.log_level or "info", args.log_format)
+    broker_url = args.broker or os.environ.get("SAGAZ_BROKER_URL") or \
+        f"kafka://{_bootstrap(args)}"
+    broker = broker_from_url(broker_url)
+    worker = OutboxWorker(storage.outbox, broker, batch_size=args.batch_size,
+                          poll_interval=args.poll_interval, max_attempts=args.max_attempts)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+    await broker.start()
+    try:
+        await worker.run()
+    finally:
+        await broker.stop()
+
+
 def _query(args: argparse.Namespace, fn: str, *a: Any, **kw: Any) -> int:
     from sagaz.client import SagaClient
 
@@ -177,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     mig = dbsub.add_parser("migrate", help="apply sagaz's SQL migrations (idempotent)")
     mig.add_argument("--url", help="PostgreSQL URL (default: $SAGAZ_DATABASE_URL)")
     mig.set_defaults(fn=cmd_migrate)
+
+    ob = sub.add_parser("outbox", help="run an outbox worker; inspect and requeue events")
+    obsub = ob.add_subparsers(dest="outbox_command", required=True)
+    storage_help = "postgresql://..., redis://... (default: $SAGAZ_STORAGE_URL)"
+    run = obsub.add_parser("run", help="publish pending events until SIGTERM")
+    run.add_argument("--broker", help="kafka://host:port, amqp://..., memory:// "
+                                      "(default: $SAGAZ_BROKER_URL or kafka://--bootstrap)")
+    run.add_argument("--batch-size", type=int, default=500)
+    run.add_argument("--poll-interval", type=float, default=0.1)
+    run.add_argument("--max-attempts", type=int, default=10)
+    run.add_argument("--log-level")
+    stat = obsub.add_parser("status", help="how many events are pending, sent, dead")
+    dead = obsub.add_parser("dead", help="dead events with their last error, oldest first")
+    dead.add_argument("--limit", type=int, default=100)
+    req = obsub.add_parser("requeue", help="make dead events pending again")
+    req.add_argument("event_ids", nargs="+")
+    for cmd in (run, stat, dead, req):
+        cmd.add_argument("--storage", help=storage_help)
+        cmd.set_defaults(fn=cmd_outbox)
 
     k = sub.add_parser("kafka", help="run a local Kafka broker (Maven jars, no Docker)")
     k.set_defaults(fn=lambda a: __import__("sagaz.testing.kafka", fromlist=["main"]).main(

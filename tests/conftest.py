@@ -99,26 +99,43 @@ def postgres_url() -> Iterator[str]:
         server.stop()
 
 
-@asynccontextmanager
-async def fresh_pg_pool(postgres_url: str) -> AsyncIterator[Any]:
-    """A pool on a fresh, migrated database of its own."""
+async def fresh_pg_url(postgres_url: str) -> str:
+    """The URL of a fresh, migrated database of its own."""
     import asyncpg
 
     from sagaz.migrations import migrate
-    from sagaz.postgres_storage import init_connection
 
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres_url)
     await admin.execute(f"CREATE DATABASE {name}")
     await admin.close()
     url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=10, init=init_connection)
-    async with pool.acquire() as conn:
+    conn = await asyncpg.connect(url)
+    try:
         await migrate(conn)
+    finally:
+        await conn.close()
+    return url
+
+
+@asynccontextmanager
+async def fresh_pg_pool(postgres_url: str) -> AsyncIterator[Any]:
+    """A pool on a fresh, migrated database of its own."""
+    import asyncpg
+
+    from sagaz.postgres_storage import init_connection
+
+    pool = await asyncpg.create_pool(await fresh_pg_url(postgres_url), min_size=1,
+                                     max_size=10, init=init_connection)
     try:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def pg_url(postgres_url: str) -> str:
+    return await fresh_pg_url(postgres_url)
 
 
 @pytest.fixture

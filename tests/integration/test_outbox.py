@@ -219,3 +219,52 @@ def test_broker_urls_are_checked() -> None:
         broker_from_url("kafka://")
 
 
+
+
+async def test_cli_runs_a_worker_and_shows_lists_and_requeues_dead_events(
+        pg_url: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+    """What an operator does at 3 a.m.: run the worker, look at the counts and the dead
+    events, requeue them once the cause is fixed."""
+    import os
+    import signal
+    import sys
+
+    from sagaz.storage import open_storage
+
+    topic = f"{topic_prefix}-cli"
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    storage: Any = await open_storage(pg_url)
+    try:
+        await fill(storage.pool, topic, 50, aggregates=5)
+
+        async def sagaz(*args: str) -> Any:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sagaz.cli", *args, "--storage", pg_url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            return orjson.loads(out)
+
+        assert await sagaz("outbox", "status") == {"pending": 50, "sent": 0, "dead": 0}
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sagaz.cli", "--bootstrap", kafka_bootstrap, "outbox", "run",
+            "--storage", pg_url, "--poll-interval", "0.05", stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "SAGAZ_BROKER_URL": ""})
+        async with asyncio.timeout(60):
+            while (await storage.outbox.counts())["sent"] < 50:
+                await asyncio.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(worker.communicate(), 20)
+        assert worker.returncode == 0, err.decode()
+        assert len(await consume_all(kafka_bootstrap, topic, 50)) == 50
+
+        async with storage.pool.acquire() as conn:  # as if its publishes had all failed
+            await conn.execute("UPDATE sagaz_outbox SET status = 'dead', attempts = 10, "
+                               "last_error = 'KafkaTimeoutError: boom' WHERE id <= 3")
+        dead = await sagaz("outbox", "dead", "--limit", "2")
+        assert [d["last_error"] for d in dead] == ["KafkaTimeoutError: boom"] * 2
+        assert await sagaz("outbox", "requeue", *[d["event_id"] for d in dead]) == \
+            {"requeued": 2}
+        assert await sagaz("outbox", "status") == {"pending": 2, "sent": 47, "dead": 1}
+    finally:
+        await storage.close()
