@@ -28,7 +28,7 @@ from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.topics import ensure_topics
 from streams.config import Settings
-from streams.orchestrator import Orchestrator, Topics
+from streams.orchestrator import Orchestrator, Topics, armed_timers
 from streams.timers import TimerIndex
 
 log = logging.getLogger("sagaz.streams")
@@ -60,7 +60,8 @@ class OrchestratorApp:
         self.settings = settings
         self.topics = Topics(settings.prefix)
         self.orchestrator = Orchestrator(sagas if sagas is not None else settings.load_sagas(),
-                                         self.topics, inbox_size=settings.inbox_size)
+                                         self.topics, inbox_size=settings.inbox_size,
+                                         retention=settings.retention)
         self.timers = TimerIndex()
         self.metrics = Metrics()
         self._assignment: frozenset[Any] | None = None
@@ -171,6 +172,9 @@ class OrchestratorApp:
             if out.row is not None:
                 self.table[event.key] = out.row
                 self.metrics.events.labels("applied").inc()
+            elif out.delete:
+                del self.table[event.key]
+                self.metrics.events.labels("expired").inc()
             else:
                 self.metrics.events.labels("repeated" if out.sends else "stale").inc()
             if out.timers:
@@ -233,9 +237,9 @@ class OrchestratorApp:
         self.timers.clear()
         count = 0
         for key, row in self.table.items():
-            timers = orjson.loads(row)["state"]["timers"]
+            timers = armed_timers(row)
             if timers:
-                self.timers.arm(key.decode(), [(due, k) for k, due in timers.items()])
+                self.timers.arm(key.decode(), timers)
                 count += 1
         log.info("timer index rebuilt: %d sagas with armed timers", count)
 

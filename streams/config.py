@@ -31,6 +31,10 @@ class Settings:
     commit_interval: float = 0.5
     # How long the group waits for a silent (crashed) worker before its partitions move.
     session_timeout: float = 10.0
+    # Seconds a completed or compensated saga stays in the table (and answers queries and
+    # idempotent starts) before its row is deleted; 0 keeps rows forever. Failed sagas
+    # (compensation failed) are kept until an operator retries them.
+    retention: float = 7 * 86400
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object per line
     extra: dict[str, Any] = field(default_factory=dict)  # passed to faust.App
@@ -54,6 +58,9 @@ class Settings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 60:
                 raise bad(name, "must be a number of seconds between 0 and 60")
+        if isinstance(self.retention, bool) or not isinstance(self.retention, (int, float)) \
+                or not 0 <= self.retention < float("inf"):
+            raise bad("retention", "must be a number of seconds >= 0 (0: keep forever)")
         if self.timer_interval == 0 or self.commit_interval == 0:
             raise ConfigError("timer_interval and commit_interval must be > 0")
         if self.session_timeout < 6:

@@ -17,6 +17,12 @@ Effectively once, over at-least-once delivery:
   machine itself.
 - Faust commits an input offset only after flushing the producer, so a committed input's
   row update and commands were all written; an uncommitted one is delivered again.
+
+Retention: a saga that ends completed or compensated gets an ``expires_at`` in its row and
+an expiry timer (key ``EXPIRE``, outside the machine's timers); when that timer event comes
+back through the timers topic the row is deleted (a changelog tombstone), in the saga's own
+partition like every other change. Failed sagas are kept for the operator. After expiry the
+saga id is unknown again: idempotent starts hold for the retention period.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from sagaz.machine import Plan, SagaState
 from sagaz.messages import MessageError
 
 ROW_VERSION = 1
+EXPIRE = "sagaz:expire"  # timer key of a finished saga's retention; not a machine timer
 
 
 class Topics:
@@ -62,6 +69,7 @@ class Output(NamedTuple):
     timers: list[tuple[float, str]]  # (due, timer key) to arm
     dead_letter: str | None  # reason, when the input is rejected
     disarmed: Sequence[str] = ()  # timer keys no longer armed
+    delete: bool = False  # the row expired: delete it
 
 
 _EXPECT = {
@@ -77,9 +85,11 @@ def participant_of(saga: Saga, step: str) -> str:
 
 
 class Orchestrator:
-    def __init__(self, sagas: Iterable[Saga], topics: Topics, *, inbox_size: int = 64) -> None:
+    def __init__(self, sagas: Iterable[Saga], topics: Topics, *, inbox_size: int = 64,
+                 retention: float = 0.0) -> None:
         self.topics = topics
         self.inbox_size = inbox_size
+        self.retention = retention  # 0: rows are kept forever
         self.sagas: dict[str, tuple[Saga, Plan]] = {}
         for saga in sagas:
             if saga.name in self.sagas:
@@ -97,7 +107,8 @@ class Orchestrator:
         return {"saga_id": state.saga_id, "saga": doc["saga"], "status": state.status.value,
                 "error": state.failure, "failed_step": state.failed_step,
                 "started_at": state.started_at, "updated_at": state.updated_at,
-                "ended_at": state.ended_at, "idempotency_key": doc["key"],
+                "ended_at": state.ended_at, "expires_at": doc.get("expires_at"),
+                "idempotency_key": doc["key"],
                 "data": doc["data"], "results": doc["results"],
                 "steps": [step_view(n, st) for n, st in zip(names, state.steps, strict=True)]}
 
@@ -116,6 +127,8 @@ class Orchestrator:
                                    f"messages must be keyed by saga id")
             if msg["type"] == "start":
                 return self._start(msg, row, now)
+            if row is None and msg["type"] == "timer" and msg["key"] == EXPIRE:
+                return Output(None, [], [], None)  # a repeated expiry: already deleted
             if row is None:
                 raise MessageError(f"no saga {saga_id!r} here (never started, or its start "
                                    f"has not been processed)")
@@ -143,6 +156,9 @@ class Orchestrator:
             raise MessageError(f"saga {msg['saga_id']!r} is a {doc['saga']!r}, which this "
                                f"worker does not define")
         saga, plan = entry
+        if msg["type"] == "timer" and msg["key"] == EXPIRE:
+            # Only a finished saga has expires_at (a retried one loses it): delete it then.
+            return Output(None, [], [], None, delete="expires_at" in doc)
         event_id, event, result = self._to_event(msg, plan, doc)
         if event_id in doc["inbox"]:
             return self._repeat(doc, event_id)
@@ -203,6 +219,11 @@ class Orchestrator:
                 cmds: list[Any]) -> Output:
         doc["state"] = state.to_dict()
         sends, timers, disarmed = self._translate(saga, doc, state, cmds)
+        if self.retention and state.status in _EXPIRES and state.ended_at is not None:
+            doc["expires_at"] = state.ended_at + self.retention
+            timers.append((doc["expires_at"], EXPIRE))
+        else:
+            doc.pop("expires_at", None)
         return Output(orjson.dumps(doc), sends, timers, None, disarmed)
 
     def _translate(self, saga: Saga, doc: dict[str, Any], state: SagaState,
@@ -231,6 +252,18 @@ class Orchestrator:
             # CancelStep/CancelCompensation: a remote attempt cannot be stopped; the machine
             # runs with confirms_cancel=False and stops waiting for it.
         return sends, timers, disarmed
+
+
+_EXPIRES = frozenset({m.SagaStatus.COMPLETED, m.SagaStatus.COMPENSATED})
+
+
+def armed_timers(row: bytes) -> list[tuple[float, str]]:
+    """Every timer a row holds: the machine's, and its expiry (for the timer index)."""
+    doc = orjson.loads(row)
+    timers = [(due, k) for k, due in doc["state"]["timers"].items()]
+    if "expires_at" in doc:
+        timers.append((doc["expires_at"], EXPIRE))
+    return timers
 
 
 def outcome_message(doc: dict[str, Any], state: SagaState) -> bytes:

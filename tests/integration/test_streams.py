@@ -32,8 +32,9 @@ PARTITIONS = 4
 
 
 class Stack:
-    def __init__(self, bootstrap: str, prefix: str, datadir: str) -> None:
+    def __init__(self, bootstrap: str, prefix: str, datadir: str, **settings: Any) -> None:
         self.bootstrap, self.prefix, self.datadir = bootstrap, prefix, datadir
+        self.overrides = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client: SagaClient = None  # type: ignore[assignment]
@@ -41,13 +42,13 @@ class Stack:
 
     def settings(self) -> Settings:
         return Settings(bootstrap=self.bootstrap, prefix=self.prefix, partitions=PARTITIONS,
-                        datadir=self.datadir, web_port=self.port)
+                        datadir=self.datadir, web_port=self.port, **self.overrides)
 
 
 @contextlib.asynccontextmanager
 async def stack(bootstrap: str, prefix: str, tmp_path: Any, sagas: list[Saga],
-                services: list[str]) -> AsyncIterator[Stack]:
-    st = Stack(bootstrap, prefix, str(tmp_path / "orchestrator"))
+                services: list[str], **settings: Any) -> AsyncIterator[Stack]:
+    st = Stack(bootstrap, prefix, str(tmp_path / "orchestrator"), **settings)
     st.oapp = OrchestratorApp(st.settings(), sagas)
     await st.oapp.start()
     participants = [Participant(s, sagas, bootstrap=bootstrap, prefix=prefix) for s in services]
@@ -353,6 +354,22 @@ async def test_web_views_answer_json_errors(kafka_bootstrap: str, topic_prefix: 
                 assert resp.status == 404  # faust's raw table endpoint is off
             async with http.get(st.url + "/metrics") as resp:
                 assert b"sagaz_stream_events_total" in await resp.read()
+
+
+async def test_finished_sagas_expire_from_the_table_after_the_retention(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],
+                     ["inventory", "payment", "shipping"], retention=1.5) as st:
+        sid = await st.client.start("order", {"order_id": f"{topic_prefix}-x"})
+        assert (await st.client.wait(sid, timeout=30))["status"] == "completed"
+        view = await st.client.status(sid)
+        assert view is not None and view["expires_at"] == view["ended_at"] + 1.5
+        async with asyncio.timeout(20):
+            while await st.client.status(sid) is not None:
+                await asyncio.sleep(0.2)
+        assert st.oapp.metrics.events.labels("expired")._value.get() == 1
+    # the deletion went to the changelog: nothing came back for a dead letter either
+    assert await dead_letters(kafka_bootstrap, topic_prefix, 1, timeout=2) == []
 
 
 async def test_worker_refuses_mismatched_partitions(kafka_bootstrap: str,
