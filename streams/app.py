@@ -28,7 +28,7 @@ from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.topics import ensure_topics
 from streams.config import Settings
-from streams.orchestrator import Orchestrator, Topics, armed_timers
+from streams.orchestrator import EXPIRY_HORIZON, Orchestrator, Topics, armed_timers
 from streams.timers import TimerIndex
 
 log = logging.getLogger("sagaz.streams")
@@ -65,6 +65,7 @@ class OrchestratorApp:
         self.timers = TimerIndex()
         self.metrics = Metrics()
         self._assignment: frozenset[Any] | None = None
+        self._next_rescan = 0.0  # when to rescan the rows for expiries coming due
         self._counts: dict[str, int] = {}  # partition counts of the output topics
         n = settings.partitions
         self.app = app = faust.App(
@@ -218,7 +219,8 @@ class OrchestratorApp:
         if not self.ready():
             return
         assignment = frozenset(self.app.consumer.assignment())
-        if assignment != self._assignment:
+        if assignment != self._assignment or (
+                self.settings.retention and time.time() >= self._next_rescan):
             self._assignment = assignment
             self.rebuild_timers()
         self.timers.compact()
@@ -233,15 +235,20 @@ class OrchestratorApp:
         self.metrics.timers.inc(len(due))
 
     def rebuild_timers(self) -> None:
-        """Scan the rows of this worker's active partitions for armed timers."""
+        """Scan the rows of this worker's active partitions for armed timers: the machine's,
+        and expiries due within the horizon (rescanned every half horizon)."""
         self.timers.clear()
+        now = time.time()
+        self._next_rescan = now + EXPIRY_HORIZON / 2
         count = 0
+        t0 = time.perf_counter()
         for key, row in self.table.items():
-            timers = armed_timers(row)
+            timers = armed_timers(row, now + EXPIRY_HORIZON)
             if timers:
                 self.timers.arm(key.decode(), timers)
                 count += 1
-        log.info("timer index rebuilt: %d sagas with armed timers", count)
+        log.info("timer index rebuilt in %.3f s: %d sagas with armed timers",
+                 time.perf_counter() - t0, count)
 
 
 def run_worker(settings: Settings) -> None:

@@ -22,7 +22,10 @@ Retention: a saga that ends completed or compensated gets an ``expires_at`` in i
 an expiry timer (key ``EXPIRE``, outside the machine's timers); when that timer event comes
 back through the timers topic the row is deleted (a changelog tombstone), in the saga's own
 partition like every other change. Failed sagas are kept for the operator. After expiry the
-saga id is unknown again: idempotent starts hold for the retention period.
+saga id is unknown again: idempotent starts hold for the retention period. Only expiries
+due within ``EXPIRY_HORIZON`` are armed in the worker's timer index (whose memory would
+otherwise hold every finished saga of the retention period); the worker rescans its rows
+every half horizon to arm the next ones.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sagaz.messages import MessageError
 
 ROW_VERSION = 1
 EXPIRE = "sagaz:expire"  # timer key of a finished saga's retention; not a machine timer
+EXPIRY_HORIZON = 3600.0  # seconds ahead that expiry timers are armed in the index
 
 
 class Topics:
@@ -221,7 +225,8 @@ class Orchestrator:
         sends, timers, disarmed = self._translate(saga, doc, state, cmds)
         if self.retention and state.status in _EXPIRES and state.ended_at is not None:
             doc["expires_at"] = state.ended_at + self.retention
-            timers.append((doc["expires_at"], EXPIRE))
+            if doc["expires_at"] <= state.ended_at + EXPIRY_HORIZON:
+                timers.append((doc["expires_at"], EXPIRE))
         else:
             doc.pop("expires_at", None)
         return Output(orjson.dumps(doc), sends, timers, None, disarmed)
@@ -257,11 +262,12 @@ class Orchestrator:
 _EXPIRES = frozenset({m.SagaStatus.COMPLETED, m.SagaStatus.COMPENSATED})
 
 
-def armed_timers(row: bytes) -> list[tuple[float, str]]:
-    """Every timer a row holds: the machine's, and its expiry (for the timer index)."""
+def armed_timers(row: bytes, until: float) -> list[tuple[float, str]]:
+    """The timers a row holds for the timer index: the machine's, and its expiry when that
+    is due by ``until``."""
     doc = orjson.loads(row)
     timers = [(due, k) for k, due in doc["state"]["timers"].items()]
-    if "expires_at" in doc:
+    if doc.get("expires_at", until + 1) <= until:
         timers.append((doc["expires_at"], EXPIRE))
     return timers
 

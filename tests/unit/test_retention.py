@@ -61,12 +61,20 @@ def test_a_finished_saga_expires_after_the_retention_and_its_row_is_deleted() ->
         assert doc["state"]["status"] in ("completed", "compensated")
         ended = doc["state"]["ended_at"]
         assert doc["expires_at"] == ended + 3600
-        assert (ended + 3600, EXPIRE) in out.timers and (ended + 3600, EXPIRE) in \
-            armed_timers(row)
+        assert (ended + 3600, EXPIRE) in out.timers  # within the horizon: armed at once
+        assert (ended + 3600, EXPIRE) in armed_timers(row, ended + 3600)
+        assert armed_timers(row, ended + 3599) == []  # beyond the rescan horizon
         assert orch.view(row)["expires_at"] == ended + 3600
         assert expire(orch, row).delete
         repeat = expire(orch, None)  # already deleted: ignored, not dead-lettered
         assert not repeat.delete and repeat.dead_letter is None
+
+
+def test_a_far_expiry_is_left_to_the_rescan_not_armed_at_once() -> None:
+    orch = Orchestrator([saga], Topics("t"), retention=7 * 86400)
+    out, row = run(orch, {})
+    assert out.timers == [] and orjson.loads(row)["expires_at"] > 7 * 86400
+    assert armed_timers(row, 1e12) == [(orjson.loads(row)["expires_at"], EXPIRE)]
 
 
 def test_rows_stay_while_running_when_failed_and_without_retention() -> None:
