@@ -34,8 +34,9 @@ Saga status:
     RUNNING -> ABORTING -> COMPENSATING -> COMPENSATED | FAILED
 ABORTING waits until no step attempt is running (per the failure strategy: cancel them,
 let them finish, or give them a grace period). COMPENSATING then undoes, in reverse
-topological order, every step that succeeded (and, with ``compensate_started``, every step
-that was started): a step is compensated only after each compensated step depending on it,
+topological order, every step that succeeded, every step with an abandoned attempt (below),
+and, with ``compensate_started``, every step that was started: a step is compensated only
+after each compensated step depending on it,
 directly or not, has been compensated. A compensation that exhausts its retries marks the
 saga FAILED, which needs an operator; the steps it blocks stay uncompensated. The
 operator's RetryCompensations (accepted only in FAILED) gives each failed compensation
@@ -52,7 +53,9 @@ shell confirms cancellations (``start(..., confirms_cancel=True)``: the in-proce
 does), the machine waits for that confirmation before it retries or compensates, so two
 attempts of a step never overlap and nothing is undone while a step still runs. A remote
 participant cannot confirm, so the Kafka orchestrator abandons the attempt at once and
-ignores whatever it reports later.
+ignores whatever it reports later; since that attempt may still have applied its effect,
+a step with an abandoned attempt is compensated if the saga aborts (its compensation must
+tolerate finding nothing to undo).
 
 Timer keys are strings: ``deadline``, ``grace``, ``timeout|step|n``, ``retry|step|n``,
 ``ctimeout|step|n``, ``cretry|step|n``. The state holds the armed timers and their due times,
@@ -328,8 +331,8 @@ def command_id(saga_id: str, step: str, attempt: int, action: str) -> str:
 
 
 class StepState:
-    __slots__ = ("attempt", "comp_attempt", "comp_error", "ended_at", "error", "started_at",
-                 "status", "timed_out", "to_compensate")
+    __slots__ = ("abandoned", "attempt", "comp_attempt", "comp_error", "ended_at", "error",
+                 "started_at", "status", "timed_out", "to_compensate")
 
     def __init__(self) -> None:
         self.status: StepStatus = _PENDING
@@ -341,16 +344,21 @@ class StepState:
         self.comp_error: str | None = None
         self.to_compensate = False
         self.timed_out = False  # current attempt timed out; waiting for its cancellation
+        # An attempt was given up on without a confirmation that it stopped (a remote step
+        # timed out): it may have applied its effect, so an abort compensates the step.
+        self.abandoned = False
 
     def to_list(self) -> list[Any]:
         return [self.status.value, self.attempt, self.comp_attempt, self.started_at,
-                self.ended_at, self.error, self.comp_error, self.to_compensate, self.timed_out]
+                self.ended_at, self.error, self.comp_error, self.to_compensate, self.timed_out,
+                self.abandoned]
 
     @classmethod
     def from_list(cls, row: list[Any]) -> StepState:
         st = cls()
         (status, st.attempt, st.comp_attempt, st.started_at, st.ended_at, st.error,
-         st.comp_error, st.to_compensate, st.timed_out) = row
+         st.comp_error, st.to_compensate, st.timed_out) = row[:9]
+        st.abandoned = len(row) > 9 and row[9]  # rows written before the field: False
         st.status = StepStatus(status)
         return st
 
@@ -586,7 +594,7 @@ def _maybe_compensate(plan: Plan, state: SagaState, now: float, cmds: Commands) 
     wide = plan.compensate_started
     for sp, st in zip(plan.steps, state.steps, strict=True):
         st.to_compensate = sp.has_compensation and (
-            st.status is _SUCCEEDED or (wide and st.status in _STARTED)
+            st.status is _SUCCEEDED or ((wide or st.abandoned) and st.status in _STARTED)
         )
     for i in range(len(plan.steps) - 1, -1, -1):
         _compensate_if_ready(plan, state, i, now, cmds)
@@ -771,6 +779,7 @@ def _on_timer(plan: Plan, state: SagaState, ev: TimerFired, now: float, cmds: Co
         message = f"timed out after {sp.timeout}s"
         if not state.confirms_cancel:  # abandon the attempt now
             cmds.append(CancelStep(step, attempt))
+            st.abandoned = True
             _attempt_failed(plan, state, i, message, sp.retry.retry_on_timeout, now, cmds)
         elif st.status is _RUNNING:  # cancel it and decide once it has stopped
             cmds.append(CancelStep(step, attempt))

@@ -175,13 +175,20 @@ async def test_retries_timeouts_and_deadline_through_kafka(
 
     async def slow(ctx: SagaContext) -> None:
         await asyncio.sleep(ctx.get("sleep", 0))
+        applied.append(ctx.saga_id)  # too late for the orchestrator, but it happened
+
+    async def undo_slow(ctx: SagaContext) -> None:
+        undone_slow.append(ctx.saga_id)
+
+    applied: list[str] = []
+    undone_slow: list[str] = []
 
     retrying = Saga("retrying")
     retrying.add_step("flaky", flaky, participant="svc",
                       retry=Retry(attempts=3, backoff=0.1, multiplier=2))
     timing_out = Saga("timing-out")
     timing_out.add_step("first", first, undo_first, participant="svc")
-    timing_out.add_step("slow", slow, participant="svc", timeout=0.3)
+    timing_out.add_step("slow", slow, undo_slow, participant="svc", timeout=0.3)
     deadline = Saga("deadline", timeout=0.4)
     deadline.add_step("first", first, undo_first, participant="svc")
     deadline.add_step("slow", slow, participant="svc")
@@ -195,9 +202,14 @@ async def test_retries_timeouts_and_deadline_through_kafka(
         view = await st.client.status(r["saga_id"])
         assert view is not None and view["steps"][0]["attempts"] == 3
 
-        t = await st.client.wait(await st.client.start("timing-out", {"sleep": 5}), timeout=30)
+        t = await st.client.wait(await st.client.start("timing-out", {"sleep": 1}), timeout=30)
         assert t["status"] == "compensated" and t["failed_step"] == "slow"
         assert "timed out after 0.3s" in t["error"] and t["saga_id"] in undone
+        # the abandoned attempt may have applied its effect (here it did, later): undone too
+        assert t["saga_id"] in undone_slow
+        async with asyncio.timeout(10):
+            while t["saga_id"] not in applied:
+                await asyncio.sleep(0.05)
 
         d = await st.client.wait(await st.client.start("deadline", {"sleep": 1.0}), timeout=30)
         assert d["status"] == "compensated" and d["error"] == "saga deadline of 0.4s exceeded"

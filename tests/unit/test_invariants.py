@@ -68,6 +68,8 @@ class Shell:
     applied: list[tuple[tuple, float]] = field(default_factory=list)  # (event, now) applied
     outstanding: set[tuple[str, str, int]] = field(default_factory=set)  # attempts running
     abandoned: set[tuple[str, str, int]] = field(default_factory=set)  # cancel requested
+    effects: set[tuple[str, int]] = field(default_factory=set)  # run attempts that applied
+    gave_up_on: set[str] = field(default_factory=set)  # steps with a remote attempt timed out
     runs: dict[str, int] = field(default_factory=dict)  # max attempt issued per step
     comp_ok: set[str] = field(default_factory=set)
     comp_runs: list[str] = field(default_factory=list)
@@ -129,8 +131,9 @@ class Shell:
         # 2. only steps that completed (or, by option, were started) are compensated...
         assert sp.has_compensation
         assert cmd.step in self.runs, "compensating a step that never started"
-        if not plan.compensate_started:
-            assert ("run", cmd.step) in {(k, s) for k, s, _ in self.succeeded_attempts()}
+        if not plan.compensate_started:  # (an abandoned attempt may have succeeded)
+            assert ("run", cmd.step) in {(k, s) for k, s, _ in self.succeeded_attempts()} \
+                or cmd.step in self.gave_up_on
         # ... at most once successfully, and within the compensation retry limit
         assert cmd.step not in self.comp_ok
         assert cmd.attempt <= sp.compensation_retry.attempts
@@ -162,6 +165,8 @@ class Shell:
                   "hang": None}[outcome]
         if ev is not None:
             self.inbox.append(ev)
+        if kind == "run" and outcome == "ok":  # the participant applied it, heard or not
+            self.effects.add((step, attempt))
 
     def cancel(self, kind: str, step: str, attempt: int) -> None:
         """A cancelled attempt reports its real outcome (too late to stop) or that it stopped.
@@ -182,6 +187,8 @@ class Shell:
             return
         for e in pending:
             self.inbox.remove(e)
+        if kind == "run":  # stopped before its effect
+            self.effects.discard((step, attempt))
         self.inbox.append(stopped)
 
     # -- events
@@ -199,6 +206,9 @@ class Shell:
             assert orjson.dumps(state.to_dict()) == before
             return
         self.applied.append((event, self.now))
+        if isinstance(event, m.TimerFired) and event.key.startswith("timeout|") \
+                and not state.confirms_cancel:
+            self.gave_up_on.add(event.key.split("|")[1])
         if isinstance(event, m.CompensationSucceeded):
             self.comp_ok.add(event.step)
         if isinstance(event, (m.StepSucceeded, m.StepFailed, m.StepCancelled)):
@@ -261,8 +271,12 @@ def test_machine_invariants(plan: Plan, data: st.DataObject) -> None:
     if state.status is SagaStatus.COMPLETED:
         assert all(s.status is StepStatus.SUCCEEDED for s in state.steps)
         assert not shell.comp_runs
-    # 2. COMPENSATED means everything that needed undoing was undone
+    # 2. COMPENSATED means everything that needed undoing was undone: every step with an
+    # effect applied (also by an attempt the machine gave up on and never heard from)
     if state.status is SagaStatus.COMPENSATED:
+        for step, attempt in shell.effects:
+            if plan.steps[plan.index[step]].has_compensation:
+                assert step in shell.comp_ok, f"{step}#{attempt} applied, never compensated"
         for sp, s in zip(plan.steps, state.steps, strict=True):
             if s.to_compensate:
                 assert s.status is StepStatus.COMPENSATED
@@ -308,3 +322,10 @@ def test_backoff_follows_policy(plan: Plan, data: st.DataObject) -> None:
             assert base * (1 - sp.retry.jitter) <= timers[key] - now <= base
             now = timers[key]
             _, cmds = m.handle(plan, state, m.TimerFired(key), now)
+
+
+def test_step_rows_written_before_the_abandoned_field_still_load() -> None:
+    old = ["failed", 2, 0, 1.0, 2.0, "boom", None, False, False]
+    st = m.StepState.from_list(old)
+    assert st.abandoned is False and st.status is StepStatus.FAILED
+    assert m.StepState.from_list(st.to_list()).to_list() == [*old, False]
