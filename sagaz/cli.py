@@ -147,8 +147,15 @@ async def _run_outbox(args: argparse.Namespace, storage: Any) -> None:
     broker_url = args.broker or os.environ.get("SAGAZ_BROKER_URL") or \
         f"kafka://{_bootstrap(args)}"
     broker = broker_from_url(broker_url)
+    registry = None
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry(auto_describe=True)
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=registry)
     worker = OutboxWorker(storage.outbox, broker, batch_size=args.batch_size,
-                          poll_interval=args.poll_interval, max_attempts=args.max_attempts)
+                          poll_interval=args.poll_interval, max_attempts=args.max_attempts,
+                          registry=registry, metrics_interval=args.metrics_interval)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
@@ -242,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=500)
     run.add_argument("--poll-interval", type=float, default=0.1)
     run.add_argument("--max-attempts", type=int, default=10)
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
+    run.add_argument("--metrics-host", default="127.0.0.1",
+                     help="address for --metrics-port (0.0.0.0 in a container)")
+    run.add_argument("--metrics-interval", type=float, default=15.0,
+                     help="seconds between refreshes of the pending/dead gauges")
     run.add_argument("--log-level")
     stat = obsub.add_parser("status", help="how many events are pending, sent, dead")
     dead = obsub.add_parser("dead", help="dead events with their last error, oldest first")

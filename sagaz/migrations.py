@@ -55,6 +55,9 @@ CREATE TABLE sagaz_sagas (
 );
 CREATE INDEX sagaz_sagas_status ON sagaz_sagas (status, updated_at);
 """),
+    (2, "dead outbox events: a partial index for listing and counting them", """
+CREATE INDEX sagaz_outbox_dead ON sagaz_outbox (id) WHERE status = 'dead';
+"""),
 ]
 
 _LOCK = 0x5A6A2  # pg_advisory_lock key for migrations

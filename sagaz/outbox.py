@@ -22,7 +22,9 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
+from typing import Any
 
 from sagaz.brokers import Broker, BrokerError, Skipped
 from sagaz.storage import Backoff, OutboxError, OutboxEvent, OutboxStore
@@ -37,13 +39,17 @@ class OutboxWorker:
                  lease: float = 30.0, poll_interval: float = 0.1, max_attempts: int = 10,
                  backoff: float = 0.5, max_backoff: float = 60.0,
                  retention: float | None = 7 * 86400, prune_interval: float = 300.0,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, registry: Any = None,
+                 metrics_interval: float = 15.0) -> None:
+        """``registry``: a prometheus_client CollectorRegistry to report to (None: no
+        metrics); the pending/dead gauges are refreshed every ``metrics_interval`` s."""
         for name, count in (("batch_size", batch_size), ("max_attempts", max_attempts)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {count!r}")
         for name, value in (("lease", lease), ("poll_interval", poll_interval),
                             ("backoff", backoff), ("max_backoff", max_backoff),
-                            ("prune_interval", prune_interval)):
+                            ("prune_interval", prune_interval),
+                            ("metrics_interval", metrics_interval)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if retention is not None and (isinstance(retention, bool) or retention <= 0):
@@ -57,6 +63,8 @@ class OutboxWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stopping = asyncio.Event()
         self.published = 0
+        self.metrics = _Metrics(registry) if registry is not None else None
+        self.metrics_interval = metrics_interval
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -64,13 +72,18 @@ class OutboxWorker:
     async def run(self) -> None:
         """Publish until stop(); storage and broker errors are logged and retried."""
         loop = asyncio.get_running_loop()
-        next_prune = loop.time()
+        next_prune = next_gauges = loop.time()
         while not self._stopping.is_set():
             try:
                 n = await self.run_once()
                 if self.retention is not None and loop.time() >= next_prune:
                     await self.outbox.prune(self.retention)
                     next_prune = loop.time() + self.prune_interval
+                if self.metrics is not None and loop.time() >= next_gauges:
+                    next_gauges = loop.time() + self.metrics_interval
+                    counts = await self.outbox.counts()
+                    for status in ("pending", "dead"):
+                        self.metrics.events.labels(status).set(counts[status])
             except Exception as exc:  # the database went away, say: try again shortly
                 log.warning("outbox worker %s: %s: %s", self.worker_id, type(exc).__name__, exc)
                 n = 0
@@ -82,6 +95,7 @@ class OutboxWorker:
 
     async def run_once(self) -> int:
         """Claim one batch, publish it, record the outcome; return how many were claimed."""
+        t0 = time.perf_counter()
         events = await self.outbox.claim(self.worker_id, self.batch_size, self.lease)
         if not events:
             return 0
@@ -118,6 +132,12 @@ class OutboxWorker:
                         len(failed), failed[0][1])
         await self.outbox.settle(self.worker_id, sent, failed, released, self.backoff)
         self.published += len(sent)
+        if self.metrics is not None:
+            self.metrics.published.inc(len(sent))
+            self.metrics.failures.inc(len(failed))
+            self.metrics.dead.inc(sum(e.attempts + 1 >= self.backoff.max_attempts
+                                      for e, _ in failed))
+            self.metrics.batch.observe(time.perf_counter() - t0)
         return len(events)
 
     async def _renew(self, events: list[OutboxEvent], done: asyncio.Event) -> None:
@@ -131,6 +151,25 @@ class OutboxWorker:
                 await self.outbox.renew(self.worker_id, events, self.lease)
             except Exception as exc:  # keep trying; the lease is the fallback
                 log.warning("outbox worker %s: renewing a lease failed: %s", self.worker_id, exc)
+
+
+class _Metrics:
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.published = Counter("sagaz_outbox_published", "Events published and marked sent",
+                                 registry=registry)
+        self.failures = Counter("sagaz_outbox_publish_failures",
+                                "Failed publish attempts (each backs off, or goes dead)",
+                                registry=registry)
+        self.dead = Counter("sagaz_outbox_dead_letters",
+                            "Events that exhausted their attempts and went dead",
+                            registry=registry)
+        self.batch = Histogram("sagaz_outbox_batch_seconds",
+                               "Claim, publish and settle of one batch", registry=registry,
+                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10, 30))
+        self.events = Gauge("sagaz_outbox_events", "Events in the outbox by status",
+                            ["status"], registry=registry)
 
 
 class OptimisticPublisher:

@@ -229,7 +229,10 @@ async def test_cli_runs_a_worker_and_shows_lists_and_requeues_dead_events(
     import signal
     import sys
 
+    import aiohttp
+
     from sagaz.storage import open_storage
+    from sagaz.testing.kafka import free_port
 
     topic = f"{topic_prefix}-cli"
     await ensure_topics(kafka_bootstrap, {topic: 1})
@@ -246,13 +249,22 @@ async def test_cli_runs_a_worker_and_shows_lists_and_requeues_dead_events(
             return orjson.loads(out)
 
         assert await sagaz("outbox", "status") == {"pending": 50, "sent": 0, "dead": 0}
+        port = free_port()
         worker = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sagaz.cli", "--bootstrap", kafka_bootstrap, "outbox", "run",
-            "--storage", pg_url, "--poll-interval", "0.05", stderr=asyncio.subprocess.PIPE,
+            "--storage", pg_url, "--poll-interval", "0.05", "--metrics-port", str(port),
+            "--metrics-interval", "0.2", stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "SAGAZ_BROKER_URL": ""})
         async with asyncio.timeout(60):
             while (await storage.outbox.counts())["sent"] < 50:
                 await asyncio.sleep(0.1)
+        metrics = ""
+        async with asyncio.timeout(20), aiohttp.ClientSession() as http:
+            while 'sagaz_outbox_events{status="pending"} 0.0' not in metrics:
+                await asyncio.sleep(0.2)
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    metrics = await resp.text()
+        assert "sagaz_outbox_published_total 50.0" in metrics
         worker.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(worker.communicate(), 20)
         assert worker.returncode == 0, err.decode()

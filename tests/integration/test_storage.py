@@ -198,8 +198,11 @@ async def test_failing_events_back_off_go_dead_with_their_error_and_can_be_reque
                                  payload={})
         await storage.outbox.add(tx, aggregate_id="b", topic=topic, event_type="Other",
                                  payload={})
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
     worker = OutboxWorker(storage.outbox, small, max_attempts=3, backoff=0.2,
-                          max_backoff=0.4)
+                          max_backoff=0.4, registry=registry)
     try:
         assert await worker.run_once() == 3  # Big fails, Next is released, Other goes out
         assert await storage.outbox.counts() == {"pending": 2, "sent": 1, "dead": 0}
@@ -213,6 +216,9 @@ async def test_failing_events_back_off_go_dead_with_their_error_and_can_be_reque
         assert "MessageSizeTooLarge" in error
         assert await worker.run_once() == 1  # a dead event no longer holds its aggregate
         assert await storage.outbox.counts() == {"pending": 0, "sent": 2, "dead": 1}
+        assert {name: registry.get_sample_value(f"sagaz_outbox_{name}_total") for name in
+                ("published", "publish_failures", "dead_letters")} == \
+            {"published": 2, "publish_failures": 3, "dead_letters": 1}
     finally:
         await small.stop()
     # the operator raises the limit and requeues it
