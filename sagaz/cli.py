@@ -38,14 +38,25 @@ def cmd_participant(args: argparse.Namespace) -> int:
     from streams.config import load_sagas
 
     configure(args.log_level or "info", args.log_format)
-    participant = Participant(args.service, load_sagas(args.sagas), bootstrap=_bootstrap(args),
-                              prefix=args.prefix or "sagaz")
+    sagas = load_sagas(args.sagas)
 
     async def main() -> None:
+        storage = None
+        if args.storage:  # replies survive a restart
+            from sagaz.storage import open_storage
+
+            storage = await open_storage(args.storage)
+        participant = Participant(args.service, sagas, bootstrap=_bootstrap(args),
+                                  prefix=args.prefix or "sagaz",
+                                  inbox=storage.replies if storage else None)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(participant.stop()))
-        await participant.run()
+        try:
+            await participant.run()
+        finally:
+            if storage is not None:
+                await storage.close()
 
     asyncio.run(main())
     return 0
@@ -202,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("participant", help="run a participant service")
     p.add_argument("--service", required=True)
     p.add_argument("--sagas", nargs="+", required=True)
+    p.add_argument("--storage", help="keep replies in postgresql://... or redis://... "
+                                     "(default: in memory, gone on restart)")
     p.add_argument("--log-level")
     p.set_defaults(fn=cmd_participant)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from sagaz.inbox import MemoryInbox
 from sagaz.storage import Backoff, Handler, OutboxEvent, check_event, check_inbox_args
 from sagaz.store import InMemorySagaStore
 
@@ -162,6 +163,7 @@ class MemoryStorage:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.outbox = MemoryOutbox(clock)
         self.sagas = InMemorySagaStore(max_finished)
+        self.replies = MemoryInbox()
         self._results: dict[tuple[str, str], Any] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 

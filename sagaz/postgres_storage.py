@@ -254,6 +254,28 @@ def _record(row: Any) -> SagaRecord:
                       row["idempotency_key"])
 
 
+class PostgresInbox:
+    """Participant replies in ``sagaz_inbox``, keyed by (service, command id)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def get(self, consumer: str, command_id: str) -> bytes | None:
+        async with self.pool.acquire() as conn:
+            result = await conn.fetchval(
+                "SELECT result FROM sagaz_inbox WHERE consumer = $1 AND event_id = $2 "
+                "AND event_type = 'sagaz-reply'", consumer, command_id)
+        return None if result is None else orjson.dumps(result)
+
+    async def put(self, consumer: str, command_id: str, reply: bytes) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """INSERT INTO sagaz_inbox (consumer, event_id, source_topic, event_type,
+                                            result)
+                   VALUES ($1, $2, 'sagaz', 'sagaz-reply', $3::text::jsonb)
+                   ON CONFLICT DO NOTHING""", consumer, command_id, reply.decode())
+
+
 class PostgresStorage:
     """The pool must use ``init_connection`` (JSONB codec)."""
 
@@ -262,6 +284,7 @@ class PostgresStorage:
         self.pool, self._owns_pool = pool, owns_pool
         self.outbox = PostgresOutbox(pool, scan_window)
         self.sagas = PostgresSagaStore(pool)
+        self.replies = PostgresInbox(pool)
 
     async def process_idempotent(self, consumer: str, event_id: str, source_topic: str,
                                  event_type: str, payload: Any, handler: Handler) -> Any:

@@ -382,7 +382,7 @@ class RedisInbox:
 
     async def put(self, consumer: str, command_id: str, reply: bytes) -> None:
         await self.redis.set(f"{self.prefix}:inbox:{consumer}:{command_id}", reply,
-                             px=int(self.ttl * 1000))
+                             px=int(self.ttl * 1000), nx=True)  # the first reply stands
 
 
 class RedisStorage:
@@ -397,6 +397,7 @@ class RedisStorage:
         self.prefix, self.inbox_ttl = prefix, inbox_ttl
         self.outbox = RedisOutbox(self.redis, prefix)
         self.sagas = RedisSagaStore(self.redis, prefix=prefix)
+        self.replies = RedisInbox(self.redis, prefix=prefix)
 
     def _marker(self, consumer: str, event_id: str) -> str:
         return f"{self.prefix}:cinbox:{consumer}:{event_id}"

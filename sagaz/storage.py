@@ -6,6 +6,7 @@ A ``Storage`` bundles the three on one backend, so a service picks a backend onc
                                     claimed, published and settled by ``OutboxWorker``
     storage.sagas                   SagaStore (``sagaz.store``): snapshots of engine runs
     storage.process_idempotent(...) the consumer-inbox primitive behind ``ConsumerInbox``
+    storage.replies                 Inbox (``sagaz.inbox``): a participant's recorded replies
 
     backend                                   the caller's transaction ``tx``
     PostgresStorage(pool)   postgres_storage  an asyncpg connection inside a transaction
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from sagaz.inbox import Inbox
 from sagaz.store import SagaStore
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -153,6 +155,9 @@ class Storage(Protocol):
 
     @property
     def sagas(self) -> SagaStore: ...
+
+    @property
+    def replies(self) -> Inbox: ...
 
     async def process_idempotent(self, consumer: str, event_id: str, source_topic: str,
                                  event_type: str, payload: Any, handler: Handler) -> Any:

@@ -322,6 +322,17 @@ async def test_the_inbox_marker_commits_with_the_handlers_writes(storage: Storag
         ConsumerInbox(storage, "")
 
 
+async def test_participant_replies_are_kept_per_service_and_command(storage: Storage) -> None:
+    replies = storage.replies
+    reply = b'{"v":1,"type":"result","saga_id":"s1","ok":true}'
+    assert await replies.get("payments", "s1|charge|1|run") is None
+    await replies.put("payments", "s1|charge|1|run", reply)
+    await replies.put("payments", "s1|charge|1|run", b'{"v":1,"other":true}')  # first stays
+    assert orjson.loads(await replies.get("payments", "s1|charge|1|run") or b"") == \
+        orjson.loads(reply)
+    assert await replies.get("shipping", "s1|charge|1|run") is None
+
+
 async def test_saga_snapshots_resume_a_crashed_run(storage: Storage) -> None:
     await crash_then_resume(storage.sagas, f"resume-{type(storage).__name__}")
 

@@ -452,3 +452,62 @@ async def test_kill_9_the_worker_with_200_sagas_in_flight(
             assert outcome["status"] == "completed", outcome
             assert effects == {"reserve": 1, "release": 0, "charge": 1, "refund": 0,
                                "ship": 1}, oid
+
+
+@pytest.mark.parametrize("backend", ["postgres", "redis"])
+async def test_a_restarted_participant_answers_a_redelivered_command_from_storage(
+        kafka_bootstrap: str, topic_prefix: str, backend: str, request: Any) -> None:
+    """`sagaz participant --storage`: replies outlive the process, so a command redelivered
+    after a restart is answered with the first reply, without running the step again."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from sagaz import messages
+    from sagaz.machine import command_id
+    from sagaz.storage import open_storage
+
+    if backend == "postgres":
+        from tests.conftest import fresh_pg_url
+
+        url = await fresh_pg_url(request.getfixturevalue("postgres_url"))
+    else:
+        url = request.getfixturevalue("redis_url")
+    runs: Counter[str] = Counter()
+
+    async def charge(ctx: SagaContext) -> int:
+        runs[ctx.saga_id] += 1
+        return 42
+
+    saga = Saga("pay")
+    saga.add_step("charge", charge, participant="billing")
+    await ensure_topics(kafka_bootstrap, {f"{topic_prefix}.participant.billing": 1,
+                                          f"{topic_prefix}.results": 1})
+    cid = command_id("s1", "charge", 1, "run")
+    command = messages.encode("run", "s1", saga="pay", step="charge", attempt=1,
+                              command_id=cid, data={}, results={})
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    results = AIOKafkaConsumer(f"{topic_prefix}.results", bootstrap_servers=kafka_bootstrap,
+                               auto_offset_reset="earliest", group_id=f"{topic_prefix}-r")
+    await results.start()
+    replies: list[Any] = []
+    try:
+        for _ in range(2):  # a participant process, then its replacement after a restart
+            storage = await open_storage(url, **({"prefix": topic_prefix}
+                                                 if backend == "redis" else {}))
+            participant = Participant("billing", [saga], bootstrap=kafka_bootstrap,
+                                      prefix=topic_prefix, inbox=storage.replies)
+            task = asyncio.create_task(participant.run())
+            await producer.send_and_wait(f"{topic_prefix}.participant.billing", command,
+                                         key=b"s1")
+            async with asyncio.timeout(30):
+                while len(replies) < _ + 1:
+                    for records in (await results.getmany(timeout_ms=200)).values():
+                        replies.extend(orjson.loads(r.value) for r in records)
+            await participant.stop()
+            await task
+            await storage.close()
+    finally:
+        await producer.stop()
+        await results.stop()
+    assert runs == {"s1": 1}  # the step ran once
+    assert [(r["command_id"], r["ok"], r["result"]) for r in replies] == [(cid, True, 42)] * 2
