@@ -2,7 +2,9 @@
 
 Runs /usr/lib/rabbitmq/bin/rabbitmq-server directly (the /usr/sbin wrapper switches to the
 rabbitmq user) with a node name, ports, data directory and Erlang cookie of its own, and
-binds both the AMQP and the Erlang distribution listeners (and epmd) to loopback.
+binds both the AMQP and the Erlang distribution listeners (and epmd) to loopback. The Erlang
+VM starts epmd as a daemon outside the node's process group, so the node gets an epmd of
+its own on a private port, killed when the node stops.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class LocalRabbitMQ:
     def __init__(self) -> None:
         self.port = free_port()
         self.dist_port = free_port()
+        self.epmd_port = free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="sagaz-rabbitmq-"))
         self.node = f"sagaz{self.port}@localhost"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,6 +54,7 @@ class LocalRabbitMQ:
                "RABBITMQ_MNESIA_BASE": str(w / "mnesia"), "RABBITMQ_LOG_BASE": str(w / "log"),
                "RABBITMQ_ENABLED_PLUGINS_FILE": str(w / "enabled_plugins"),
                "RABBITMQ_CONFIG_FILE": str(w / "rabbitmq"), "ERL_EPMD_ADDRESS": "127.0.0.1",
+               "ERL_EPMD_PORT": str(self.epmd_port),
                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface "
                                                       "{127,0,0,1}"}
         with open(w / "out.log", "wb") as out:
@@ -88,6 +92,11 @@ class LocalRabbitMQ:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        epmd = shutil.which("epmd")
+        if epmd is not None:  # ours alone: it listens on our private port
+            subprocess.run([epmd, "-kill"], env={**os.environ,
+                                                 "ERL_EPMD_PORT": str(self.epmd_port)},
+                           capture_output=True, timeout=10, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalRabbitMQ:
