@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--url", default=url_default, help=url_help)
     st.set_defaults(fn=lambda a: _query(a, "status", a.saga_id))
 
-    ls = sub.add_parser("list", help="list sagas (of the worker asked)")
+    ls = sub.add_parser("list", help="list sagas, newest first (every worker's, merged)")
     ls.add_argument("--status")
     ls.add_argument("--name")
     ls.add_argument("--limit", type=int, default=20)

@@ -1,7 +1,10 @@
 """JSON over HTTP on every worker.
 
 GET /sagas/{id}      one saga; routed to the worker that owns the id's partition
-GET /sagas?status=&name=&limit=   sagas of this worker's active partitions, newest first
+GET /sagas?status=&name=&limit=[&scope=local]   sagas, newest first: of every worker
+                     (this one asks the others, named by the partition assignor, and
+                     merges; workers that do not answer are listed under "unreachable"),
+                     or with scope=local of this worker's active partitions only
 GET /health/live     the process answers
 GET /health/ready    tables recovered, not rebalancing
 GET /metrics         Prometheus text format
@@ -9,6 +12,7 @@ GET /metrics         Prometheus text format
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,16 +46,37 @@ def register(oapp: OrchestratorApp) -> None:
             return _error(web, 404, f"no saga {saga_id!r}")
         return _json(web, orch.view(row))
 
+    def local(status: str | None, name: str | None) -> list[dict[str, Any]]:
+        found = []
+        for _, row in table.items():  # this worker's active partitions
+            doc = orjson.loads(row)
+            st = doc["state"]
+            if (status is None or st["status"] == status) and (name is None
+                                                               or doc["saga"] == name):
+                found.append((st["updated_at"], row))
+        found.sort(key=lambda f: -f[0])
+        return [orch.view(r) for _, r in found]
+
+    async def remote(session: Any, host: str, query: dict[str, str]) -> Any:
+        async with session.get(f"{host.rstrip('/')}/sagas",
+                               params={**query, "scope": "local"}) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}")
+            return orjson.loads(await resp.read())
+
     @app.page("/sagas")
     async def saga_list(web: Any, request: Any) -> Any:
         query = request.query
         status, name = query.get("status"), query.get("name")
-        unknown = set(query) - {"status", "name", "limit"}
+        unknown = set(query) - {"status", "name", "limit", "scope"}
         if unknown:
             return _error(web, 400, f"unknown query parameters: {sorted(unknown)}")
         if status is not None and status not in statuses:
             return _error(web, 400, f"status must be one of {sorted(statuses)}, "
                                     f"got {status!r}")
+        scope = query.get("scope", "all")
+        if scope not in ("all", "local"):
+            return _error(web, 400, f"scope must be all or local, got {scope!r}")
         try:
             limit = int(query.get("limit", "100"))
             if not 1 <= limit <= MAX_LIMIT:
@@ -59,17 +84,33 @@ def register(oapp: OrchestratorApp) -> None:
         except ValueError:
             return _error(web, 400, f"limit must be an integer from 1 to {MAX_LIMIT}, "
                                     f"got {query.get('limit')!r}")
-        found = []
-        for _, row in table.items():  # this worker's active partitions
-            doc = orjson.loads(row)
-            st = doc["state"]
-            if (status is None or st["status"] == status) and (name is None
-                                                               or doc["saga"] == name):
-                found.append(row)
-        found.sort(key=lambda r: -orjson.loads(r)["state"]["updated_at"])
-        return _json(web, {"sagas": [orch.view(r) for r in found[:limit]],
-                           "count": min(limit, len(found)), "matched": len(found),
-                           "scope": "this worker's partitions"})
+        views = local(status, name)
+        matched = len(views)
+        body: dict[str, Any] = {"scope": scope}
+        if scope == "all":
+            import aiohttp
+
+            me = str(app.conf.canonical_url).rstrip("/")
+            peers = sorted(h for h in app.router.table_metadata(table.name)
+                           if str(h).rstrip("/") != me)
+            forward = {k: v for k, v in query.items() if k != "scope"}
+            async with aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=5)) as session:
+                answers = await asyncio.gather(
+                    *(remote(session, str(h), forward) for h in peers),
+                    return_exceptions=True)
+            unreachable = []
+            for host, answer in zip(peers, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    unreachable.append({"worker": str(host),
+                                        "error": f"{type(answer).__name__}: {answer}"})
+                    continue
+                views += answer["sagas"]
+                matched += answer["matched"]
+            views.sort(key=lambda v: -v["updated_at"])
+            body.update(workers=1 + len(peers), unreachable=unreachable)
+        body.update(sagas=views[:limit], count=min(limit, len(views)), matched=matched)
+        return _json(web, body)
 
     @app.page("/health/live")
     async def live(web: Any, request: Any) -> Any:

@@ -395,11 +395,13 @@ async def test_worker_refuses_mismatched_partitions(kafka_bootstrap: str,
         await oapp.declare_topics()
 
 
-def _worker(bootstrap: str, prefix: str, datadir: str, port: int, log: Any) -> Any:
+def _worker(bootstrap: str, prefix: str, datadir: str, port: int, log: Any,
+            worker_id: str = "1") -> Any:
     return subprocess.Popen(
         [sys.executable, "-m", "sagaz.cli", "--bootstrap", bootstrap, "--prefix", prefix,
          "worker", "--sagas", "streams.examples", "--partitions", str(PARTITIONS),
-         "--datadir", datadir, "--web-port", str(port), "--log-level", "warning"],
+         "--datadir", datadir, "--web-port", str(port), "--log-level", "warning",
+         "--worker-id", worker_id],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -511,3 +513,61 @@ async def test_a_restarted_participant_answers_a_redelivered_command_from_storag
         await results.stop()
     assert runs == {"s1": 1}  # the step ran once
     assert [(r["command_id"], r["ok"], r["result"]) for r in replies] == [(cid, True, 42)] * 2
+
+
+async def test_listing_sagas_gathers_every_workers_partitions(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    prefix, datadir = topic_prefix, str(tmp_path / "w")
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    participants = [Participant(s, [examples.order], bootstrap=kafka_bootstrap, prefix=prefix)
+                    for s in ("inventory", "payment", "shipping")]
+    tasks = [asyncio.create_task(p.run()) for p in participants]
+    with open(tmp_path / "workers.log", "ab") as log:
+        workers = [_worker(kafka_bootstrap, prefix, datadir, port, log, worker_id=f"w{i}")
+                   for i, port in enumerate(ports)]
+        try:
+            await wait_ready(urls[0], workers, 90)
+            await wait_ready(urls[1], workers, 90)
+            async with SagaClient(kafka_bootstrap, prefix=prefix, url=urls[0]) as client:
+                items = orders(prefix, 24)
+                for i, item in enumerate(items):
+                    item["decline"] = i % 3 == 0
+                ids = await client.start_many("order", items)
+                for i in ids:
+                    await client.wait(i, timeout=60)
+
+                async def listing(url: str, **query: str) -> dict[str, Any]:
+                    async with aiohttp.ClientSession() as http, \
+                            http.get(url + "/sagas", params=query) as resp:
+                        assert resp.status == 200
+                        return orjson.loads(await resp.read())
+
+                async with asyncio.timeout(60):  # until both own partitions (rebalanced)
+                    while True:
+                        local = [await listing(u, scope="local", limit="100") for u in urls]
+                        if all(0 < doc["count"] < 24 for doc in local):
+                            break
+                        await asyncio.sleep(0.5)
+                assert sum(doc["count"] for doc in local) == 24
+                for url in urls:  # either worker answers for all
+                    every = await listing(url, limit="100")
+                    assert every["workers"] == 2 and every["unreachable"] == []
+                    assert sorted(v["saga_id"] for v in every["sagas"]) == sorted(ids)
+                    updated = [v["updated_at"] for v in every["sagas"]]
+                    assert updated == sorted(updated, reverse=True)
+                declined = await listing(urls[1], status="compensated", limit="5")
+                assert declined["matched"] == 8 and declined["count"] == 5
+                assert all(v["status"] == "compensated" for v in declined["sagas"])
+                workers[1].kill()  # a worker that does not answer is named, not skipped
+                workers[1].wait()
+                partial = await listing(urls[0], limit="100")
+                assert [u["worker"].rstrip("/") for u in partial["unreachable"]] == [urls[1]]
+                assert partial["count"] == local[0]["count"]
+        finally:
+            for w in workers:
+                w.kill()
+                w.wait()
+            for p in participants:
+                await p.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
