@@ -21,7 +21,14 @@ from typing import Any
 import orjson
 
 from sagaz.inbox import MemoryInbox
-from sagaz.storage import Backoff, Handler, OutboxEvent, check_event, check_inbox_args
+from sagaz.storage import (
+    Backoff,
+    Handler,
+    OutboxEvent,
+    check_event,
+    check_inbox_args,
+    event_headers,
+)
 from sagaz.store import InMemorySagaStore
 
 
@@ -47,11 +54,12 @@ class MemoryOutbox:
                   payload: Any, headers: dict[str, str] | None = None,
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
+        headers = event_headers(headers)
         event_id = event_id or uuid.uuid4().hex
         if event_id in self._rows:
             raise ValueError(f"event_id {event_id!r} is already in the outbox")
         event = OutboxEvent(event_id, event_id, aggregate_id, topic, event_type,
-                            orjson.loads(raw), dict(headers or {}))
+                            orjson.loads(raw), headers)
         self._rows[event_id] = _Row(event, next(self._seq), self.clock() + delay)
         self._queues.setdefault(aggregate_id, deque()).append(event_id)
         return event

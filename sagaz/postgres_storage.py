@@ -37,6 +37,7 @@ from sagaz.storage import (
     OutboxEvent,
     check_event,
     check_inbox_args,
+    event_headers,
 )
 from sagaz.store import SagaRecord
 
@@ -97,6 +98,7 @@ class PostgresOutbox:
                   payload: Any, headers: dict[str, str] | None = None,
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
+        headers = event_headers(headers)
         if tx is None or not tx.is_in_transaction():
             raise OutboxError("add needs the caller's connection inside an open transaction, "
                               "so the event commits or rolls back with the business change")
@@ -107,9 +109,9 @@ class PostgresOutbox:
                VALUES ($1, $2, $3, $4, $5::text::jsonb, $6,
                        now() + $7 * interval '1 second')
                RETURNING id""",
-            event_id, aggregate_id, topic, event_type, raw.decode(), headers or {}, delay)
+            event_id, aggregate_id, topic, event_type, raw.decode(), headers, delay)
         return OutboxEvent(row_id, event_id, aggregate_id, topic, event_type,
-                           orjson.loads(raw), dict(headers or {}))
+                           orjson.loads(raw), headers)
 
     async def claim(self, worker_id: str, limit: int, lease: float) -> list[OutboxEvent]:
         async with self.pool.acquire() as conn:

@@ -46,6 +46,7 @@ from sagaz.storage import (
     OutboxEvent,
     check_event,
     check_inbox_args,
+    event_headers,
 )
 from sagaz.store import SagaRecord
 
@@ -237,6 +238,7 @@ class RedisOutbox:
                   payload: Any, headers: dict[str, str] | None = None,
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
+        headers = event_headers(headers)
         if not getattr(tx, "explicit_transaction", False):
             raise OutboxError("add needs the caller's MULTI/EXEC pipeline (after "
                               "pipe.multi()), so the event is applied with the business change")
@@ -244,9 +246,9 @@ class RedisOutbox:
         # EVAL, not EVALSHA: inside MULTI a missing script would fail alone, after the
         # business writes were applied.
         tx.eval(_ADD, 0, self.prefix, event_id, aggregate_id, topic, event_type, raw,
-                orjson.dumps(headers or {}), int(delay * 1000))
+                orjson.dumps(headers), int(delay * 1000))
         return OutboxEvent(event_id, event_id, aggregate_id, topic, event_type,
-                           orjson.loads(raw), dict(headers or {}))
+                           orjson.loads(raw), headers)
 
     async def claim(self, worker_id: str, limit: int, lease: float) -> list[OutboxEvent]:
         rows = await self._claim(args=[self.prefix, worker_id, limit, int(lease * 1000)])

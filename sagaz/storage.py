@@ -98,6 +98,13 @@ def check_event(aggregate_id: Any, topic: Any, event_type: Any, payload: Any,
         raise OutboxError(f"payload of {event_type!r} is not JSON-serialisable: {exc}") from None
 
 
+def event_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """An event's headers: the current trace context, then the caller's (which win)."""
+    from sagaz.tracing import current_trace_headers
+
+    return {**current_trace_headers(), **(headers or {})}
+
+
 def check_inbox_args(consumer: Any, event_id: Any, source_topic: Any, event_type: Any) -> None:
     for name, value in (("consumer_name", consumer), ("event_id", event_id),
                         ("source_topic", source_topic), ("event_type", event_type)):
@@ -172,16 +179,18 @@ class Storage(Protocol):
 
 
 async def open_storage(url: str, **options: Any) -> Storage:
-    """``postgresql://user@host/db`` (asyncpg pool, migrations must be applied),
-    ``redis://host:port/db`` or ``memory://``."""
+    """``postgresql://user@host/db`` (asyncpg pool, migrations must be applied; options:
+    ``scan_window`` and asyncpg's pool arguments), ``redis://host:port/db`` (options:
+    ``prefix``, ``inbox_ttl``) or ``memory://``."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
         import asyncpg
 
         from sagaz.postgres_storage import PostgresStorage, init_connection
 
+        scan_window = options.pop("scan_window", None)
         pool = await asyncpg.create_pool(url, init=init_connection, **options)
-        return PostgresStorage(pool, owns_pool=True)
+        return PostgresStorage(pool, owns_pool=True, scan_window=scan_window)
     if scheme in ("redis", "rediss", "unix"):
         from sagaz.redis_storage import RedisStorage
 

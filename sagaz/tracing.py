@@ -6,12 +6,27 @@
 One span per run (``saga <name>``) with one child span per step attempt (``step <name>``)
 and per compensation attempt (``compensate <name>``), carrying the saga id, the attempt
 and, on failure, the error. Participants continue the trace of the saga that sent the
-command, from the W3C ``traceparent`` in the message's trace headers.
+command, from the W3C ``traceparent`` in the message's trace headers. Outbox events carry
+the trace context current when they were added (``current_trace_headers``), so whoever
+consumes them can continue the business transaction's trace.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+
+def current_trace_headers() -> dict[str, str]:
+    """W3C trace context of the current span, if the application uses OpenTelemetry (the
+    API is already imported); else nothing, and OpenTelemetry is not imported."""
+    if "opentelemetry.trace" not in sys.modules:
+        return {}
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return carrier
 
 
 class SagaTracer:

@@ -65,3 +65,22 @@ def test_participant_spans_continue_the_senders_trace():
     assert span.name == "run charge"
     assert f"{span.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
     assert f"{span.parent.span_id:016x}" == "b7ad6b7169203331"
+
+
+async def test_outbox_events_carry_the_trace_they_were_added_in():
+    from sagaz.memory_storage import MemoryStorage
+
+    tracer, _ = tracer_and_spans()
+    storage = MemoryStorage()
+    with tracer.start_as_current_span("pay order") as span:
+        event = await storage.outbox.add(None, aggregate_id="o1", topic="orders",
+                                         event_type="Paid", payload={})
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    assert event.headers["traceparent"].split("-")[1] == trace_id
+    _, _, _, headers = event.message()
+    assert headers["traceparent"] == event.headers["traceparent"]
+    # outside a span: no trace headers; given headers win
+    plain = await storage.outbox.add(None, aggregate_id="o1", topic="orders",
+                                     event_type="Paid", payload={},
+                                     headers={"traceparent": "mine"})
+    assert plain.headers == {"traceparent": "mine"}
