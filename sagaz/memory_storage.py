@@ -64,15 +64,15 @@ class MemoryOutbox:
         self._queues.setdefault(aggregate_id, deque()).append(event_id)
         return event
 
-    def _free(self, aggregate_id: str, now: float) -> bool:
+    def _free(self, aggregate_id: str, now: float, worker_id: str) -> bool:
         lease = self._leases.get(aggregate_id)
-        return lease is None or lease[1] < now
+        return lease is None or lease[1] < now or lease[0] == worker_id
 
     async def claim(self, worker_id: str, limit: int, lease: float) -> list[OutboxEvent]:
         now = self.clock()
         heads = sorted(
             (self._rows[q[0]].seq, agg) for agg, q in self._queues.items()
-            if q and self._free(agg, now) and self._rows[q[0]].due <= now)
+            if q and self._free(agg, now, worker_id) and self._rows[q[0]].due <= now)
         out: list[OutboxEvent] = []
         for _, agg in heads:
             if len(out) >= limit:
@@ -112,8 +112,9 @@ class MemoryOutbox:
                 self._leave(row, "sent", now)
         for event, error in failed:
             row = self._rows.get(event.event_id)
-            if row is None or row.status != "pending":
-                continue
+            if row is None or row.status != "pending" or \
+                    self._leases.get(event.aggregate_id, ("",))[0] != worker_id:
+                continue  # counted once, by the holder
             attempts = row.event.attempts
             row.event = replace(row.event, attempts=attempts + 1)
             row.last_error = error

@@ -63,6 +63,9 @@ class OutboxWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stopping = asyncio.Event()
         self.published = 0
+        # A batch published but not recorded (the storage went away meanwhile): recorded
+        # before anything new is claimed, so it is not published a second time.
+        self._unsettled: tuple[Any, ...] | None = None
         self.metrics = _Metrics(registry) if registry is not None else None
         self.metrics_interval = metrics_interval
 
@@ -94,7 +97,10 @@ class OutboxWorker:
                     pass
 
     async def run_once(self) -> int:
-        """Claim one batch, publish it, record the outcome; return how many were claimed."""
+        """Claim one batch, publish it, record the outcome; return how many were claimed.
+        One batch at a time per worker (its own leases are free to its next claim)."""
+        if self._unsettled is not None:
+            await self._settle(*self._unsettled)
         t0 = time.perf_counter()
         events = await self.outbox.claim(self.worker_id, self.batch_size, self.lease)
         if not events:
@@ -130,15 +136,22 @@ class OutboxWorker:
         if failed:
             log.warning("outbox worker %s: publishing %d events failed: %s", self.worker_id,
                         len(failed), failed[0][1])
-        await self.outbox.settle(self.worker_id, sent, failed, released, self.backoff)
-        self.published += len(sent)
+        await self._settle(sent, failed, released)
         if self.metrics is not None:
-            self.metrics.published.inc(len(sent))
             self.metrics.failures.inc(len(failed))
             self.metrics.dead.inc(sum(e.attempts + 1 >= self.backoff.max_attempts
                                       for e, _ in failed))
             self.metrics.batch.observe(time.perf_counter() - t0)
         return len(events)
+
+    async def _settle(self, sent: list[OutboxEvent], failed: list[tuple[OutboxEvent, str]],
+                      released: list[OutboxEvent]) -> None:
+        self._unsettled = (sent, failed, released)
+        await self.outbox.settle(self.worker_id, sent, failed, released, self.backoff)
+        self._unsettled = None
+        self.published += len(sent)
+        if self.metrics is not None:
+            self.metrics.published.inc(len(sent))
 
     async def _renew(self, events: list[OutboxEvent], done: asyncio.Event) -> None:
         while True:

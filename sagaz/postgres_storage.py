@@ -52,16 +52,17 @@ _CLAIM = """
 WITH pending AS (
     SELECT id, aggregate_id,
            row_number() OVER w AS pos,
-           bool_and(available_at <= now() AND (lease_until IS NULL OR lease_until < now()))
+           bool_and(available_at <= now() AND (lease_until IS NULL OR lease_until < now()
+                                                OR lease_owner = $2))
                OVER w AS ready
-    FROM (SELECT id, aggregate_id, available_at, lease_until FROM sagaz_outbox
+    FROM (SELECT id, aggregate_id, available_at, lease_until, lease_owner FROM sagaz_outbox
           WHERE status = 'pending' ORDER BY id LIMIT $4) AS scan
     WINDOW w AS (PARTITION BY aggregate_id ORDER BY id)
 ), heads AS (
     SELECT o.id, o.aggregate_id FROM sagaz_outbox o
     WHERE o.id IN (SELECT id FROM pending WHERE pos = 1 AND ready)
       AND o.status = 'pending' AND o.available_at <= now()
-      AND (o.lease_until IS NULL OR o.lease_until < now())
+      AND (o.lease_until IS NULL OR o.lease_until < now() OR o.lease_owner = $2)
     ORDER BY o.id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -146,9 +147,9 @@ class PostgresOutbox:
                            available_at = now() + LEAST($5, $4 * power(2, LEAST(o.attempts, 62)))
                                                   * interval '1 second'
                        FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
-                       WHERE o.id = f.id AND o.status = 'pending'""",
+                       WHERE o.id = f.id AND o.status = 'pending' AND o.lease_owner = $6""",
                     [e.id for e, _ in failed], [err for _, err in failed],
-                    backoff.max_attempts, backoff.base, backoff.cap)
+                    backoff.max_attempts, backoff.base, backoff.cap, worker_id)
             if released:
                 await conn.execute(
                     "UPDATE sagaz_outbox SET lease_owner = NULL, lease_until = NULL "

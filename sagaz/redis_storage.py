@@ -18,6 +18,7 @@ the outbox scripts touch keys of many aggregates):
     {p}:ob:ready          zset: aggregates free to claim, scored by their head's due time
     {p}:ob:leased         zset: claimed aggregates, scored by lease expiry
     {p}:ob:owner          hash: claimed aggregate -> worker id
+    {p}:ob:held:{worker}  set: the aggregates a worker holds
     {p}:ob:sent, :dead    zsets of event ids (sent time / order of death)
     {p}:saga:{id}         hash: name, status, state, data, results, key (JSON fields)
     {p}:sagas             zset of saga ids by last update, for listing
@@ -76,6 +77,8 @@ local function refresh(agg)
   end
 end
 local function free(agg)
+  local owner = redis.call('HGET', p .. ':ob:owner', agg)
+  if owner then redis.call('SREM', p .. ':ob:held:' .. owner, agg) end
   redis.call('HDEL', p .. ':ob:owner', agg)
   redis.call('ZREM', p .. ':ob:leased', agg)
   refresh(agg)
@@ -123,6 +126,9 @@ local now = now_ms()
 for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:leased', '-inf', '(' .. now)) do
   free(agg)  -- the owner died or stalled: its events go back to whoever claims next
 end
+for _, agg in ipairs(redis.call('SMEMBERS', p .. ':ob:held:' .. worker)) do
+  free(agg)  -- ours from a batch that broke off: a worker claims one batch at a time
+end
 local out = {}
 for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:ready', '-inf', now,
                                 'LIMIT', 0, limit)) do
@@ -139,6 +145,7 @@ for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:ready', '-inf', now,
     redis.call('ZREM', p .. ':ob:ready', agg)
     redis.call('ZADD', p .. ':ob:leased', now + lease, agg)
     redis.call('HSET', p .. ':ob:owner', agg, worker)
+    redis.call('SADD', p .. ':ob:held:' .. worker, agg)
   end
 end
 return out
@@ -165,7 +172,10 @@ for _, id in ipairs(a.sent) do
 end
 for _, f in ipairs(a.failed) do
   local ev = p .. ':ob:ev:' .. f[1]
-  if redis.call('HGET', ev, 'status') == 'pending' then
+  local agg = redis.call('HGET', ev, 'aggregate_id')
+  -- counted once: by the holder (a settle repeated after a lost reply finds it freed)
+  if redis.call('HGET', ev, 'status') == 'pending'
+     and redis.call('HGET', p .. ':ob:owner', agg) == a.worker then
     local attempts = tonumber(redis.call('HGET', ev, 'attempts'))
     redis.call('HSET', ev, 'attempts', attempts + 1, 'last_error', f[2])
     if attempts + 1 >= a.max_attempts then

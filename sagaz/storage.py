@@ -24,10 +24,14 @@ Outbox semantics every backend keeps (tested once, against all three):
   worker renews the lease while the broker holds them; a worker that dies loses the lease
   when it expires and another worker takes the events over (publishing them again: at least
   once, which consumer inboxes absorb). Claiming by aggregate head, not by id window, is
-  what lets several workers progress at once when aggregates interleave.
+  what lets several workers progress at once when aggregates interleave. A worker claims
+  one batch at a time, so its own leases are free to it: a batch that broke off (the
+  storage connection dropped) is claimed again at once, not after the lease.
 - ``settle`` records a batch's outcome: sent, failed (attempt counted, backoff before the
   event is due again, dead after ``max_attempts``) and released (handed back untouched:
-  events behind a failure of their aggregate).
+  events behind a failure of their aggregate). Settling twice changes nothing more (the
+  worker repeats a settle whose reply was lost): sent is sent, and a failure is counted
+  only while the worker still holds the aggregate.
 """
 
 from __future__ import annotations

@@ -346,3 +346,21 @@ async def test_storage_urls() -> None:
         ConsumerInbox(object(), "billing")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="outbox must be an OutboxStore"):
         OutboxWorker(storage, MemoryBroker())  # type: ignore[arg-type]
+
+
+async def test_a_repeated_settle_changes_nothing_and_own_leases_are_free_to_reclaim(
+        storage: Storage) -> None:
+    await fill(storage, 4, aggregates=2)
+    outbox = storage.outbox
+    batch = await outbox.claim("A", 10, 30)
+    assert len(batch) == 4
+    # the connection broke after the claim: A's next claim gets the batch back at once
+    again = await outbox.claim("A", 10, 30)
+    assert sorted(e.event_id for e in again) == sorted(e.event_id for e in batch)
+    assert await outbox.claim("B", 10, 30) == []  # still A's to everyone else
+    agg0 = [e for e in batch if e.aggregate_id == "agg-0"]
+    agg1 = [e for e in batch if e.aggregate_id == "agg-1"]
+    outcome = (agg0, [(agg1[0], "boom")], agg1[1:])
+    for _ in range(2):  # the first reply was lost; the worker settles again
+        await outbox.settle("A", *outcome, Backoff(max_attempts=2, base=30, cap=30))
+    assert await outbox.counts() == {"pending": 2, "sent": 2, "dead": 0}  # one attempt only
