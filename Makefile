@@ -37,8 +37,8 @@ bench: venv           ## in-process engine against sagaz 1.5.0 (needs ../shared/
 bench-streams: venv   ## sagas/s and latency through Kafka
 	$(PY) tests/bench/bench_streams.py
 
-bench-outbox: venv    ## outbox and inbox on PostgreSQL, Redis, memory -> Kafka
-	$(PY) tests/bench/bench_outbox.py
+bench-outbox: venv    ## outbox and inbox on PostgreSQL, Redis, memory -> Kafka, vs sagaz 1.5.0
+	$(PY) tests/bench/bench_outbox.py --peer
 
 kafka: venv           ## a broker in the foreground, for development
 	$(PY) -m sagaz.testing.kafka start --partitions 4

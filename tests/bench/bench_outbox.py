@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark (not a test): outbox and inbox on real PostgreSQL and Kafka.
 
-    python tests/bench/bench_outbox.py [-n 50000]
+    python tests/bench/bench_outbox.py [-n 50000] [--peer [--peer-python PY]]
 
 - optimistic publish latency (publish_after_commit: order check, publish + ack, mark sent);
 - outbox worker throughput -> Kafka with 1 and 2 workers (N events over 1,000 interleaved
   aggregates, from full to empty), for each storage: PostgreSQL, Redis, memory;
 - consumer inbox duplicate check latency (process_idempotent of an event already seen).
+--peer also runs sagaz 1.5.0's outbox worker (PostgreSQL -> Kafka, same events, same
+servers, same run; tests/bench/peer_outbox_1_5.py in the peer's own virtualenv, made under
+~/.cache/sagaz/peer-venv unless --peer-python is given) and prints the ratio.
 Uses SAGAZ_TEST_POSTGRES_URL / SAGAZ_TEST_REDIS_URL / KAFKA_BOOTSTRAP_SERVERS when set,
 else local servers.
 """
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -99,7 +104,28 @@ async def worker_throughput(storage: Any, bootstrap: str, topic: str, n: int,
     return n / elapsed
 
 
-async def run(pg_url: str, redis_url: str, bootstrap: str, n: int) -> None:
+def peer_python(given: str | None) -> str:
+    if given:
+        return given
+    venv = Path.home() / ".cache/sagaz/peer-venv"
+    py = venv / "bin/python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "sagaz==1.5.0", "asyncpg",
+                    "aiokafka"], check=True)
+    return str(py)
+
+
+def run_peer(py: str, pg_url: str, bootstrap: str, topic: str, n: int) -> float:
+    script = Path(__file__).resolve().parent / "peer_outbox_1_5.py"
+    out = subprocess.run([py, str(script), "--pg", pg_url, "--bootstrap", bootstrap,
+                          "--topic", topic, "-n", str(n)], check=True, capture_output=True,
+                         text=True, cwd="/").stdout  # cwd: never import this repo's sagaz
+    return float(json.loads(out.strip().splitlines()[-1])["events_per_s"])
+
+
+async def run(pg_url: str, redis_url: str, bootstrap: str, n: int,
+              peer: str | None = None) -> None:
     from sagaz.brokers import KafkaBroker
     from sagaz.consumer_inbox import ConsumerInbox
     from sagaz.memory_storage import MemoryStorage
@@ -129,6 +155,7 @@ async def run(pg_url: str, redis_url: str, bootstrap: str, n: int) -> None:
           f"p99 {pct(lat, 99) * 1e3:6.2f} ms   (n={len(lat)})")
     await pool.close()
 
+    ours: dict[tuple[str, int], float] = {}
     for name in ("PostgreSQL", "Redis", "memory"):
         print(f"outbox worker, {name} -> Kafka")
         for workers in (1, 2):
@@ -139,10 +166,15 @@ async def run(pg_url: str, redis_url: str, bootstrap: str, n: int) -> None:
                 store = RedisStorage(redis_url, prefix=f"bench{uuid.uuid4().hex[:6]}")
             else:
                 store = MemoryStorage()
-            await worker_throughput(store, bootstrap, topic, n, workers)
+            ours[name, workers] = await worker_throughput(store, bootstrap, topic, n, workers)
             await store.close()
             if name == "PostgreSQL":
                 await pool.close()
+
+    if peer is not None:
+        rate = await asyncio.to_thread(run_peer, peer, pg_url, bootstrap, topic, n)
+        print(f"peer: sagaz 1.5.0 outbox worker, PostgreSQL -> Kafka, x1  {rate:8.0f} events/s"
+              f"  -> ours x1 is {ours['PostgreSQL', 1] / rate:.1f}x")
 
     pool = await fresh_pool(pg_url)
     inbox = ConsumerInbox(PostgresStorage(pool), "bench")
@@ -167,7 +199,10 @@ async def run(pg_url: str, redis_url: str, bootstrap: str, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=50_000)
+    ap.add_argument("--peer", action="store_true", help="also run sagaz 1.5.0's outbox worker")
+    ap.add_argument("--peer-python", default=None)
     args = ap.parse_args()
+    peer = peer_python(args.peer_python) if args.peer else None
     print(f"machine: {machine()}")
     from sagaz.testing.kafka import LocalKafka
     from sagaz.testing.postgres import LocalPostgres
@@ -188,7 +223,7 @@ def main() -> None:
             kafka = LocalKafka(partitions=4).start()
             bootstrap = kafka.bootstrap_servers
         print(f"postgres {pg_url}; redis {redis_url}; kafka {bootstrap}")
-        asyncio.run(run(pg_url, redis_url, bootstrap, args.n))
+        asyncio.run(run(pg_url, redis_url, bootstrap, args.n, peer))
     finally:
         if redis is not None:
             redis.stop()
