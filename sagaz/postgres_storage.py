@@ -100,7 +100,8 @@ class PostgresOutbox:
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
         headers = event_headers(headers)
-        if tx is None or not tx.is_in_transaction():
+        in_transaction = getattr(tx, "is_in_transaction", None)
+        if in_transaction is None or not in_transaction():
             raise OutboxError("add needs the caller's connection inside an open transaction, "
                               "so the event commits or rolls back with the business change")
         event_id = event_id or uuid.uuid4().hex

@@ -90,6 +90,8 @@ async def test_an_event_commits_or_rolls_back_with_the_business_change(
     assert (await storage.outbox.counts())["pending"] == 1
     with pytest.raises(OutboxError, match="needs the caller's"):
         await add(storage, None, "o3", 3)
+    with pytest.raises(OutboxError, match="needs the caller's"):  # a pool, a client
+        await add(storage, getattr(storage, "pool", None) or storage.redis, "o4", 4)
 
 
 @pytest.mark.parametrize(("kw", "error"), [
