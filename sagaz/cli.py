@@ -166,6 +166,7 @@ async def _run_outbox(args: argparse.Namespace, storage: Any) -> None:
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=registry)
     worker = OutboxWorker(storage.outbox, broker, batch_size=args.batch_size,
                           poll_interval=args.poll_interval, max_attempts=args.max_attempts,
+                          lease=args.lease,
                           registry=registry, metrics_interval=args.metrics_interval)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=500)
     run.add_argument("--poll-interval", type=float, default=0.1)
     run.add_argument("--max-attempts", type=int, default=10)
+    run.add_argument("--lease", type=float, default=30.0,
+                     help="seconds a dead worker's batch stays claimed before others take it")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
     run.add_argument("--metrics-host", default="127.0.0.1",
                      help="address for --metrics-port (0.0.0.0 in a container)")

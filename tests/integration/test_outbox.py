@@ -280,3 +280,48 @@ async def test_cli_runs_a_worker_and_shows_lists_and_requeues_dead_events(
         assert await sagaz("outbox", "status") == {"pending": 2, "sent": 47, "dead": 1}
     finally:
         await storage.close()
+
+
+async def test_kill_9_an_outbox_worker_mid_run_another_takes_over_nothing_lost(
+        pg_url: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+    import signal
+    import sys
+
+    from sagaz.storage import open_storage
+
+    topic = f"{topic_prefix}-kill"
+    await ensure_topics(kafka_bootstrap, {topic: 2})
+    storage: Any = await open_storage(pg_url)
+
+    def worker() -> Any:
+        return asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sagaz.cli", "outbox", "run", "--storage", pg_url,
+            "--broker", f"kafka://{kafka_bootstrap}", "--batch-size", "100",
+            "--poll-interval", "0.02", "--lease", "2", stderr=asyncio.subprocess.DEVNULL)
+
+    try:
+        await fill(storage.pool, topic, 5000, aggregates=40)
+        first = await worker()
+        async with asyncio.timeout(60):  # kill once it is under way, not before
+            while (await storage.outbox.counts())["sent"] < 500:
+                await asyncio.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        left = (await storage.outbox.counts())["pending"]
+        second = await worker()
+        try:
+            async with asyncio.timeout(90):
+                while (await storage.outbox.counts())["pending"]:
+                    await asyncio.sleep(0.1)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            await second.wait()
+    finally:
+        await storage.close()
+    assert left > 0  # killed mid-run
+    records = await consume_all(kafka_bootstrap, topic, 5000)
+    ids = [dict(r.headers)["event-id"] for r in records]
+    assert len(set(ids)) == 5000  # none lost
+    assert len(ids) - 5000 <= 100  # at most the batch in hand went out twice
+    for agg, ns in by_aggregate(records).items():
+        assert [n for i, n in enumerate(ns) if n not in ns[:i]] == sorted(set(ns)), agg
