@@ -32,6 +32,7 @@ _EXPORTS = {
     "OutboxWorker": "sagaz.outbox",
     "OptimisticPublisher": "sagaz.outbox",
     "ConsumerInbox": "sagaz.consumer_inbox",
+    "InboxConsumer": "sagaz.consumer_inbox",
     "SagazError": "sagaz.errors",
     "SagaDefinitionError": "sagaz.errors",
     "SagaContextError": "sagaz.errors",
@@ -55,7 +56,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from typing import Any
 
-    from sagaz.consumer_inbox import ConsumerInbox
+    from sagaz.consumer_inbox import ConsumerInbox, InboxConsumer
     from sagaz.context import SagaContext
     from sagaz.definition import DAGSaga, Saga, Step
     from sagaz.engine import Engine

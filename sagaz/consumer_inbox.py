@@ -9,12 +9,16 @@ PostgreSQL, a MULTI/EXEC pipeline on Redis, None in memory; ``sagaz.storage``). 
 raises, nothing commits, no marker remains, and a redelivery runs it again. A duplicate
 returns the first run's (JSON) result without calling the handler; racing duplicates
 commit once (PostgreSQL and memory make the second wait; Redis lets both run and commits
-the first, see ``RedisStorage.process_idempotent``).
+the first, see ``RedisStorage.process_idempotent``). ``InboxConsumer`` feeds a Kafka
+topic of outbox events through an inbox.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import orjson
 
 from sagaz.storage import Handler, Storage, check_inbox_args
 
@@ -34,3 +38,106 @@ class ConsumerInbox:
 
     async def seen(self, event_id: str) -> bool:
         return await self.storage.seen(self.consumer, event_id)
+
+
+class InboxConsumer:
+    """Consume outbox events from Kafka through a ``ConsumerInbox``: each event's effect
+    once, whatever the broker redelivers.
+
+        consumer = InboxConsumer(storage, "billing", ["orders"], handle,
+                                 bootstrap="127.0.0.1:9092")
+        await consumer.run()        # until consumer.stop()
+
+    Records are handled one at a time, in partition order, and an offset is committed only
+    after its record was handled (or dead-lettered): a crash repeats records, which the
+    inbox answers from its marker. The event id and type come from the ``event-id`` and
+    ``event-type`` headers the outbox sets; the value must be JSON. A record without them,
+    or whose handler still fails after ``max_attempts`` (with backoff), goes to
+    ``dead_letter_topic`` with the reason in the ``sagaz-reason`` header and its original
+    bytes, and consumption moves on: nothing is skipped silently, nothing blocks forever.
+    """
+
+    def __init__(self, storage: Storage, consumer_name: str, topics: list[str],
+                 handler: Handler, *, bootstrap: str, group_id: str | None = None,
+                 dead_letter_topic: str | None = None, max_attempts: int = 5,
+                 backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+        self.inbox = ConsumerInbox(storage, consumer_name)
+        if not topics or not all(isinstance(t, str) and t for t in topics):
+            raise ValueError(f"topics must be a non-empty list of topic names, got {topics!r}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) \
+                or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        self.topics, self.handler, self.bootstrap = list(topics), handler, bootstrap
+        self.group_id = group_id or consumer_name
+        self.dead_letter_topic = dead_letter_topic or f"{consumer_name}.dead-letters"
+        self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
+        self.handled = self.dead_lettered = 0
+        self._stopping = asyncio.Event()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+        consumer = AIOKafkaConsumer(*self.topics, bootstrap_servers=self.bootstrap,
+                                    group_id=self.group_id, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True)
+        await consumer.start()
+        await producer.start()
+        try:
+            while not self._stopping.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=500)
+                for tp, records in batch.items():
+                    for record in records:
+                        if not await self._handle(record, producer):
+                            return  # stopping while retrying: not committed, redelivered
+                        await consumer.commit({tp: record.offset + 1})
+        finally:
+            await producer.stop()
+            await consumer.stop()
+
+    async def _handle(self, record: Any, producer: Any) -> bool:
+        """Handle (or dead-letter) one record; False if asked to stop before it was done."""
+        from sagaz.errors import describe
+
+        headers = {k: v.decode("utf-8", "replace") for k, v in record.headers or ()}
+        event_id, event_type = headers.get("event-id"), headers.get("event-type")
+        if not event_id or not event_type:
+            return await self._dead_letter(record, producer,
+                                           "missing event-id or event-type header")
+        try:
+            payload = orjson.loads(record.value)
+        except orjson.JSONDecodeError as exc:
+            return await self._dead_letter(record, producer, f"value is not JSON: {exc}")
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.inbox.process_idempotent(event_id, record.topic, event_type,
+                                                    payload, self.handler)
+                self.handled += 1
+                return True
+            except Exception as exc:  # retried in place: order and no loss come first
+                if attempt >= self.max_attempts:
+                    return await self._dead_letter(
+                        record, producer, f"handler failed {attempt} times: {describe(exc)}")
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    return False
+                except TimeoutError:
+                    pass
+
+    async def _dead_letter(self, record: Any, producer: Any, reason: str) -> bool:
+        from sagaz.messages import dead_letter_headers
+
+        await producer.send_and_wait(
+            self.dead_letter_topic, record.value, key=record.key,
+            headers=dead_letter_headers(reason, record.topic, record.partition, record.offset))
+        self.dead_lettered += 1
+        return True

@@ -325,3 +325,80 @@ async def test_kill_9_an_outbox_worker_mid_run_another_takes_over_nothing_lost(
     assert len(ids) - 5000 <= 100  # at most the batch in hand went out twice
     for agg, ns in by_aggregate(records).items():
         assert [n for i, n in enumerate(ns) if n not in ns[:i]] == sorted(set(ns)), agg
+
+
+async def test_outbox_to_inbox_consumer_end_to_end_effects_once_poison_dead_lettered(
+        pg_pool: Any, kafka_bootstrap: str, topic_prefix: str) -> None:
+    """Outbox -> Kafka -> InboxConsumer: every event's effect once although every event is
+    delivered twice; malformed records and a handler that keeps failing are dead-lettered
+    with their reason; offsets are committed, so a restarted consumer repeats nothing."""
+    from aiokafka import AIOKafkaProducer
+
+    from sagaz.consumer_inbox import InboxConsumer
+
+    topic, dlq = f"{topic_prefix}-orders", f"{topic_prefix}-billing-dlq"
+    await ensure_topics(kafka_bootstrap, {topic: 2, dlq: 1})
+    storage = PostgresStorage(pg_pool)
+    async with pg_pool.acquire() as conn:
+        await conn.execute("CREATE TABLE ledger (order_id TEXT, amount INT)")
+        async with conn.transaction():
+            events = [await storage.outbox.add(
+                conn, aggregate_id=f"o{i % 10}", topic=topic, event_type="OrderPaid",
+                payload={"order": f"o{i}", "amount": i}) for i in range(100)]
+            await storage.outbox.add(conn, aggregate_id="o-bad", topic=topic,
+                                     event_type="OrderPaid", payload={"poison": True})
+    broker = KafkaBroker(kafka_bootstrap)
+    await broker.start()
+    try:
+        while await OutboxWorker(storage.outbox, broker).run_once():
+            pass
+        assert await broker.publish_many([e.message() for e in events]) == [None] * 100
+    finally:
+        await broker.stop()
+    raw = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await raw.start()
+    try:
+        await raw.send_and_wait(topic, b'{"no": "headers"}', key=b"x")
+        await raw.send_and_wait(topic, b"\xff not json", key=b"y",
+                                headers=[("event-id", b"e-x"), ("event-type", b"OrderPaid")])
+    finally:
+        await raw.stop()
+
+    async def book(payload: dict[str, Any], conn: Any) -> str:
+        if payload.get("poison"):
+            raise ValueError("cannot book this order")
+        await conn.execute("INSERT INTO ledger VALUES ($1, $2)", payload["order"],
+                           payload["amount"])
+        return payload["order"]
+
+    def consumer() -> InboxConsumer:
+        return InboxConsumer(storage, "billing", [topic], book, bootstrap=kafka_bootstrap,
+                             dead_letter_topic=dlq, max_attempts=2, backoff=0.05)
+
+    first = consumer()
+    task = asyncio.create_task(first.run())
+    try:
+        async with asyncio.timeout(60):
+            while first.handled + first.dead_lettered < 203:
+                await asyncio.sleep(0.05)
+    finally:
+        await first.stop()
+        await task
+    assert (first.handled, first.dead_lettered) == (200, 3)
+    async with pg_pool.acquire() as conn:
+        rows = await conn.fetch("SELECT order_id, amount FROM ledger")
+    assert sorted(r["amount"] for r in rows) == list(range(100))  # each effect once
+    letters = await consume_all(kafka_bootstrap, dlq, 3)
+    reasons = sorted(dict(r.headers)["sagaz-reason"].decode() for r in letters)
+    assert reasons[0].startswith("handler failed 2 times: ValueError: cannot book")
+    assert reasons[1] == "missing event-id or event-type header"
+    assert reasons[2].startswith("value is not JSON")
+
+    again = consumer()  # same group: offsets were committed
+    task = asyncio.create_task(again.run())
+    await asyncio.sleep(3)
+    await again.stop()
+    await task
+    assert (again.handled, again.dead_lettered) == (0, 0)
+    with pytest.raises(ValueError, match="topics must be a non-empty list"):
+        InboxConsumer(storage, "billing", [], book, bootstrap=kafka_bootstrap)
