@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from sagaz.errors import describe
+from sagaz.messages import dead_letter_headers
 from sagaz.storage import Handler, Storage, check_inbox_args
 
 
@@ -103,8 +105,6 @@ class InboxConsumer:
 
     async def _handle(self, record: Any, producer: Any) -> bool:
         """Handle (or dead-letter) one record; False if asked to stop before it was done."""
-        from sagaz.errors import describe
-
         headers = {k: v.decode("utf-8", "replace") for k, v in record.headers or ()}
         event_id, event_type = headers.get("event-id"), headers.get("event-type")
         if not event_id or not event_type:
@@ -134,8 +134,6 @@ class InboxConsumer:
                     pass
 
     async def _dead_letter(self, record: Any, producer: Any, reason: str) -> bool:
-        from sagaz.messages import dead_letter_headers
-
         await producer.send_and_wait(
             self.dead_letter_topic, record.value, key=record.key,
             headers=dead_letter_headers(reason, record.topic, record.partition, record.offset))

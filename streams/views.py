@@ -46,7 +46,10 @@ def register(oapp: OrchestratorApp) -> None:
             return _error(web, 404, f"no saga {saga_id!r}")
         return _json(web, orch.view(row))
 
-    def local(status: str | None, name: str | None) -> list[dict[str, Any]]:
+    def local(status: str | None, name: str | None,
+              limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The newest ``limit`` matching sagas of this worker's partitions, and how many
+        matched."""
         found = []
         for _, row in table.items():  # this worker's active partitions
             doc = orjson.loads(row)
@@ -55,7 +58,7 @@ def register(oapp: OrchestratorApp) -> None:
                                                                or doc["saga"] == name):
                 found.append((st["updated_at"], row))
         found.sort(key=lambda f: -f[0])
-        return [orch.view(r) for _, r in found]
+        return [orch.view(r) for _, r in found[:limit]], len(found)
 
     async def remote(session: Any, host: str, query: dict[str, str]) -> Any:
         async with session.get(f"{host.rstrip('/')}/sagas",
@@ -84,8 +87,7 @@ def register(oapp: OrchestratorApp) -> None:
         except ValueError:
             return _error(web, 400, f"limit must be an integer from 1 to {MAX_LIMIT}, "
                                     f"got {query.get('limit')!r}")
-        views = local(status, name)
-        matched = len(views)
+        views, matched = local(status, name, limit)
         body: dict[str, Any] = {"scope": scope}
         if scope == "all":
             import aiohttp
