@@ -50,7 +50,7 @@ class MemoryOutbox:
         self._leases: dict[str, tuple[str, float]] = {}
         self._seq = itertools.count()
 
-    async def add(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
+    async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                   payload: Any, headers: dict[str, str] | None = None,
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)

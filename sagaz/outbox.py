@@ -1,9 +1,9 @@
 """Transactional outbox: never an event without its change, nor a change without its event.
 
-The event is written by ``storage.outbox.add(tx, ...)`` inside the caller's own transaction
+The event is written by ``storage.outbox.insert(tx, ...)`` inside the caller's own transaction
 (see ``sagaz.storage`` for what ``tx`` is on each backend). Two ways get it to the broker:
 
-    event = await storage.outbox.add(tx, ..., delay=5)     # in the business transaction
+    event = await storage.outbox.insert(tx, ..., delay=5)     # in the business transaction
     await OptimisticPublisher(storage.outbox, broker).publish_after_commit(event)  # fast
     await OutboxWorker(storage.outbox, broker).run()        # the safety net, always
 

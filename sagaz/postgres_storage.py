@@ -5,7 +5,7 @@ asyncpg connection inside ``conn.transaction()``:
 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("UPDATE orders ...")
-        event = await storage.outbox.add(conn, aggregate_id="order-1", topic="orders",
+        event = await storage.outbox.insert(conn, aggregate_id="order-1", topic="orders",
                                           event_type="OrderPaid", payload={...})
 
 Claiming (one statement): scan the oldest ``scan`` pending rows; per aggregate, number them
@@ -17,7 +17,7 @@ aggregate, leave the other aggregates to other workers. A second worker skips th
 or leased heads and takes other aggregates; rows behind a head are never claimable on
 their own, so one aggregate is never on two workers. The scan
 window bounds the cost of a claim; an aggregate beyond it waits until earlier rows drain.
-Ids give the order: events of one aggregate must be added in the order they commit, which
+Ids give the order: events of one aggregate must be inserted in the order they commit, which
 holds when the business transaction locks the aggregate's row (the usual case).
 """
 
@@ -95,14 +95,14 @@ class PostgresOutbox:
             raise ValueError(f"scan_window must be an int >= 1 or None, got {scan_window!r}")
         self.pool, self.scan_window = pool, scan_window
 
-    async def add(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
+    async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                   payload: Any, headers: dict[str, str] | None = None,
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
         headers = event_headers(headers)
         in_transaction = getattr(tx, "is_in_transaction", None)
         if in_transaction is None or not in_transaction():
-            raise OutboxError("add needs the caller's connection inside an open transaction, "
+            raise OutboxError("insert needs the caller's connection inside an open transaction, "
                               "so the event commits or rolls back with the business change")
         event_id = event_id or uuid.uuid4().hex
         row_id = await tx.fetchval(

@@ -7,7 +7,7 @@ the event is applied with the business change or not at all:
     async with redis.pipeline(transaction=True) as tx:
         tx.multi()
         tx.hset("order:1", "paid", 1)
-        await storage.outbox.add(tx, aggregate_id="order-1", topic="orders",
+        await storage.outbox.insert(tx, aggregate_id="order-1", topic="orders",
                                  event_type="OrderPaid", payload={...})
         await tx.execute()
 
@@ -244,13 +244,13 @@ class RedisOutbox:
         self._requeue = redis.register_script(_REQUEUE)
         self._prune = redis.register_script(_PRUNE)
 
-    async def add(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
+    async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                   payload: Any, headers: dict[str, str] | None = None,
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
         headers = event_headers(headers)
         if not getattr(tx, "explicit_transaction", False):
-            raise OutboxError("add needs the caller's MULTI/EXEC pipeline (after "
+            raise OutboxError("insert needs the caller's MULTI/EXEC pipeline (after "
                               "pipe.multi()), so the event is applied with the business change")
         event_id = event_id or uuid.uuid4().hex
         # EVAL, not EVALSHA: inside MULTI a missing script would fail alone, after the

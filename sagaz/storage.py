@@ -117,7 +117,7 @@ def check_inbox_args(consumer: Any, event_id: Any, source_topic: Any, event_type
 
 
 class OutboxStore(Protocol):
-    async def add(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
+    async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                   payload: Any, headers: dict[str, str] | None = None,
                   event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         """Write an event in the caller's transaction ``tx``. ``delay`` keeps workers off it

@@ -70,7 +70,7 @@ async def fill(storage: Any, topic: str, n: int) -> None:
             tx = storage.redis.pipeline(transaction=True)
             tx.multi()
         for event_id, agg, payload in rows[start:start + 1000]:
-            await storage.outbox.add(tx, aggregate_id=agg, topic=topic, event_type="E",
+            await storage.outbox.insert(tx, aggregate_id=agg, topic=topic, event_type="E",
                                      payload=payload, event_id=event_id)
         if tx is not None:
             await tx.execute()
@@ -145,7 +145,7 @@ async def run(pg_url: str, redis_url: str, bootstrap: str, n: int,
     lat = []
     for i in range(2200):
         async with pool.acquire() as conn, conn.transaction():
-            event = await storage.outbox.add(conn, aggregate_id=f"a{i % 100}", topic=topic,
+            event = await storage.outbox.insert(conn, aggregate_id=f"a{i % 100}", topic=topic,
                                              event_type="E", payload={"i": i}, delay=30)
         t0 = time.perf_counter()
         assert await publisher.publish_after_commit(event)

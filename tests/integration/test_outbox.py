@@ -51,7 +51,7 @@ async def fill(pool: Any, topic: str, n: int, aggregates: int) -> None:
     outbox = PostgresStorage(pool).outbox
     async with pool.acquire() as conn, conn.transaction():
         for i in range(n):
-            await outbox.add(conn, aggregate_id=f"agg-{i % aggregates}", topic=topic,
+            await outbox.insert(conn, aggregate_id=f"agg-{i % aggregates}", topic=topic,
                              event_type="Counted", payload={"n": i})
 
 
@@ -189,7 +189,7 @@ async def test_optimistic_publisher_marks_sent_only_after_an_ack(
     publisher = OptimisticPublisher(PostgresStorage(pg_pool).outbox, broker)
     async with pg_pool.acquire() as conn:
         async with conn.transaction():
-            first = await publisher.outbox.add(conn, aggregate_id="a", topic=topic,
+            first = await publisher.outbox.insert(conn, aggregate_id="a", topic=topic,
                                                event_type="E", payload={"n": 1}, delay=5)
         assert await publisher.publish_after_commit(first) is True
         assert await conn.fetchval("SELECT status FROM sagaz_outbox WHERE id = $1",
@@ -201,7 +201,7 @@ async def test_optimistic_publisher_marks_sent_only_after_an_ack(
         await dead.start()
     async with pg_pool.acquire() as conn:
         async with conn.transaction():
-            second = await publisher.outbox.add(conn, aggregate_id="a", topic=topic,
+            second = await publisher.outbox.insert(conn, aggregate_id="a", topic=topic,
                                                 event_type="E", payload={"n": 2}, delay=5)
         fallback = OptimisticPublisher(publisher.outbox, dead)
         assert await fallback.publish_after_commit(second) is False
@@ -342,10 +342,10 @@ async def test_outbox_to_inbox_consumer_end_to_end_effects_once_poison_dead_lett
     async with pg_pool.acquire() as conn:
         await conn.execute("CREATE TABLE ledger (order_id TEXT, amount INT)")
         async with conn.transaction():
-            events = [await storage.outbox.add(
+            events = [await storage.outbox.insert(
                 conn, aggregate_id=f"o{i % 10}", topic=topic, event_type="OrderPaid",
                 payload={"order": f"o{i}", "amount": i}) for i in range(100)]
-            await storage.outbox.add(conn, aggregate_id="o-bad", topic=topic,
+            await storage.outbox.insert(conn, aggregate_id="o-bad", topic=topic,
                                      event_type="OrderPaid", payload={"poison": True})
     broker = KafkaBroker(kafka_bootstrap)
     await broker.start()

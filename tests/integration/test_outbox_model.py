@@ -67,7 +67,7 @@ async def program(storage: Any, tx_factory: Any, steps: list[tuple[Any, Any, Any
         if kind == "add":
             async with tx_factory() as tx:
                 for _ in range(arg):
-                    e = await outbox.add(tx, aggregate_id=who, topic="t", event_type="E",
+                    e = await outbox.insert(tx, aggregate_id=who, topic="t", event_type="E",
                                          payload={})
                     model.queues[who].append(e.event_id)
                     model.attempts[e.event_id] = 0

@@ -40,7 +40,7 @@ async def test_outbox_worker_publishes_to_rabbitmq_with_confirms(
     outbox = PostgresStorage(pg_pool).outbox
     async with pg_pool.acquire() as conn, conn.transaction():
         for i in range(200):
-            await outbox.add(conn, aggregate_id=f"o{i % 5}", topic="orders", event_type="E",
+            await outbox.insert(conn, aggregate_id=f"o{i % 5}", topic="orders", event_type="E",
                              payload={"n": i})
     broker = broker_from_url(rabbitmq_url, exchange=exchange)
     assert isinstance(broker, RabbitMQBroker)
@@ -103,7 +103,7 @@ async def test_redis_outbox_worker_survives_its_connections_being_killed(
             async with storage.redis.pipeline(transaction=True) as tx:
                 tx.multi()
                 for i in range(start, start + 500):
-                    await storage.outbox.add(tx, aggregate_id=f"agg-{i % 50}", topic="t",
+                    await storage.outbox.insert(tx, aggregate_id=f"agg-{i % 50}", topic="t",
                                              event_type="E", payload={"n": i})
                 await tx.execute()
         broker = MemoryBroker()

@@ -64,7 +64,7 @@ async def transaction(storage: Any) -> AsyncIterator[Any]:
 
 
 async def add(storage: Storage, tx: Any, aggregate: str, n: int, **kw: Any) -> Any:
-    return await storage.outbox.add(tx, aggregate_id=aggregate, topic=kw.pop("topic", "t"),
+    return await storage.outbox.insert(tx, aggregate_id=aggregate, topic=kw.pop("topic", "t"),
                                     event_type=kw.pop("event_type", "Counted"),
                                     payload={"n": n}, **kw)
 
@@ -102,13 +102,13 @@ async def test_an_event_commits_or_rolls_back_with_the_business_change(
     ({"delay": -1}, "delay must be a number of seconds >= 0"),
     ({"event_id": ""}, "event_id must be a non-empty str or None"),
 ])
-async def test_malformed_events_are_rejected_at_add(storage: Storage, kw: dict[str, Any],
+async def test_malformed_events_are_rejected_at_insert(storage: Storage, kw: dict[str, Any],
                                                     error: str) -> None:
     args: dict[str, Any] = {"aggregate_id": "a", "topic": "t", "event_type": "E",
                             "payload": {}, **kw}
     async with transaction(storage) as tx:
         with pytest.raises(OutboxError, match=error):
-            await storage.outbox.add(tx, **args)
+            await storage.outbox.insert(tx, **args)
     assert (await storage.outbox.counts())["pending"] == 0
 
 
@@ -194,11 +194,11 @@ async def test_failing_events_back_off_go_dead_with_their_error_and_can_be_reque
     small = KafkaBroker(kafka_bootstrap, max_request_size=256)
     await small.start()
     async with transaction(storage) as tx:
-        big = await storage.outbox.add(tx, aggregate_id="a", topic=topic, event_type="Big",
+        big = await storage.outbox.insert(tx, aggregate_id="a", topic=topic, event_type="Big",
                                        payload={"blob": "x" * 400})
-        await storage.outbox.add(tx, aggregate_id="a", topic=topic, event_type="Next",
+        await storage.outbox.insert(tx, aggregate_id="a", topic=topic, event_type="Next",
                                  payload={})
-        await storage.outbox.add(tx, aggregate_id="b", topic=topic, event_type="Other",
+        await storage.outbox.insert(tx, aggregate_id="b", topic=topic, event_type="Other",
                                  payload={})
     from prometheus_client import CollectorRegistry
 
@@ -283,7 +283,7 @@ async def test_the_inbox_marker_commits_with_the_handlers_writes(storage: Storag
                              payload["amt"])
         elif is_redis:
             tx.rpush(key, f"{payload['id']}:{payload['amt']}")
-        await storage.outbox.add(tx, aggregate_id=payload["id"], topic="billing",
+        await storage.outbox.insert(tx, aggregate_id=payload["id"], topic="billing",
                                  event_type="Booked", payload=payload)
         await asyncio.sleep(0.01)  # let racing duplicates overlap
         if payload.get("fail") and calls == 1:

@@ -73,14 +73,14 @@ async def test_outbox_events_carry_the_trace_they_were_added_in():
     tracer, _ = tracer_and_spans()
     storage = MemoryStorage()
     with tracer.start_as_current_span("pay order") as span:
-        event = await storage.outbox.add(None, aggregate_id="o1", topic="orders",
+        event = await storage.outbox.insert(None, aggregate_id="o1", topic="orders",
                                          event_type="Paid", payload={})
     trace_id = format(span.get_span_context().trace_id, "032x")
     assert event.headers["traceparent"].split("-")[1] == trace_id
     _, _, _, headers = event.message()
     assert headers["traceparent"] == event.headers["traceparent"]
     # outside a span: no trace headers; given headers win
-    plain = await storage.outbox.add(None, aggregate_id="o1", topic="orders",
+    plain = await storage.outbox.insert(None, aggregate_id="o1", topic="orders",
                                      event_type="Paid", payload={},
                                      headers={"traceparent": "mine"})
     assert plain.headers == {"traceparent": "mine"}
