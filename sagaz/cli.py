@@ -48,7 +48,8 @@ def cmd_participant(args: argparse.Namespace) -> int:
             storage = await open_storage(args.storage)
         participant = Participant(args.service, sagas, bootstrap=_bootstrap(args),
                                   prefix=args.prefix or "sagaz",
-                                  inbox=storage.replies if storage else None)
+                                  inbox=storage.replies if storage else None,
+                                  registry=_metrics_registry(args))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(participant.stop()))
@@ -124,6 +125,23 @@ def _storage_url(args: argparse.Namespace) -> str:
     return str(url)
 
 
+def _metrics_registry(args: argparse.Namespace) -> Any:
+    """A registry served on --metrics-port, or None without one."""
+    if args.metrics_port is None:
+        return None
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=True)
+    start_http_server(args.metrics_port, addr=args.metrics_host, registry=registry)
+    return registry
+
+
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address for --metrics-port (0.0.0.0 in a container)")
+
+
 def cmd_outbox(args: argparse.Namespace) -> int:
     from sagaz.storage import open_storage
 
@@ -158,12 +176,7 @@ async def _run_outbox(args: argparse.Namespace, storage: Any) -> None:
     broker_url = args.broker or os.environ.get("SAGAZ_BROKER_URL") or \
         f"kafka://{_bootstrap(args)}"
     broker = broker_from_url(broker_url)
-    registry = None
-    if args.metrics_port is not None:
-        from prometheus_client import CollectorRegistry, start_http_server
-
-        registry = CollectorRegistry(auto_describe=True)
-        start_http_server(args.metrics_port, addr=args.metrics_host, registry=registry)
+    registry = _metrics_registry(args)
     worker = OutboxWorker(storage.outbox, broker, batch_size=args.batch_size,
                           poll_interval=args.poll_interval, max_attempts=args.max_attempts,
                           lease=args.lease,
@@ -216,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sagas", nargs="+", required=True)
     p.add_argument("--storage", help="keep replies in postgresql://... or redis://... "
                                      "(default: in memory, gone on restart)")
+    _metrics_options(p)
     p.add_argument("--log-level")
     p.set_defaults(fn=cmd_participant)
 
@@ -265,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-attempts", type=int, default=10)
     run.add_argument("--lease", type=float, default=30.0,
                      help="seconds a dead worker's batch stays claimed before others take it")
-    run.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
-    run.add_argument("--metrics-host", default="127.0.0.1",
-                     help="address for --metrics-port (0.0.0.0 in a container)")
+    _metrics_options(run)
     run.add_argument("--metrics-interval", type=float, default=15.0,
                      help="seconds between refreshes of the pending/dead gauges")
     run.add_argument("--log-level")

@@ -39,7 +39,9 @@ class Participant:
     def __init__(self, service: str, sagas: Iterable[Saga], *, bootstrap: str,
                  prefix: str = "sagaz", inbox: Inbox | None = None,
                  max_batch: int = 500, commit_interval: float = 0.2,
-                 tracer: Any = None) -> None:
+                 tracer: Any = None, registry: Any = None) -> None:
+        """``registry``: a prometheus_client CollectorRegistry for the participant's metrics
+        (commands by action and outcome, step seconds); None: no metrics."""
         if not service or not all(c.isalnum() or c in "._-" for c in service):
             raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
         self.service = service
@@ -52,6 +54,8 @@ class Participant:
         self.max_batch = max_batch
         self.commit_interval = commit_interval
         self.tracer = tracer  # an OpenTelemetry tracer: a span per command, in the saga's trace
+        self.metrics = _Metrics(registry) if registry is not None else None
+        self._last_ok: dict[str, bool] = {}  # command id -> its step succeeded (for metrics)
         self._done: dict[Any, int] = {}  # replied-to offsets not yet committed
         self._next_commit = 0.0
         self.steps: dict[tuple[str, str], Step] = {}
@@ -124,18 +128,22 @@ class Participant:
             msg = messages.decode(record.value, expect=_COMMANDS)
         except MessageError as exc:
             log.warning("dead-lettering %s@%s: %s", record.topic, record.offset, exc)
+            self._count("unknown", "dead_letter")
             return (self.dead_letters, record.key, record.value, messages.dead_letter_headers(
                 str(exc), record.topic, record.partition, record.offset))
         saga_id, command_id = msg["saga_id"], msg["command_id"]
         key = saga_id.encode()
         running = self._running.get(command_id)
         if running is not None:  # the same command is being run right now: share its reply
+            self._count(msg["type"], "replayed")
             return self.results_topic, key, await asyncio.shield(running), []
         recorded = await self.inbox.get(self.service, command_id)
         if recorded is not None:
+            self._count(msg["type"], "replayed")
             return self.results_topic, key, recorded, []
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._running[command_id] = fut
+        t0 = time.perf_counter()
         try:
             if self.tracer is None:
                 reply = await self.execute(msg)
@@ -152,7 +160,15 @@ class Participant:
             raise
         finally:
             del self._running[command_id]
+            ok = self._last_ok.pop(command_id, False)
+        if self.metrics is not None:
+            self.metrics.seconds.labels(msg["type"]).observe(time.perf_counter() - t0)
+            self._count(msg["type"], "ok" if ok else "error")
         return self.results_topic, key, reply, []
+
+    def _count(self, action: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.commands.labels(action, outcome).inc()
 
     async def execute(self, msg: dict[str, Any]) -> bytes:
         action = msg["type"]
@@ -182,8 +198,24 @@ class Participant:
                 except TypeError as exc:
                     ok, result, changed = False, None, {}
                     error = f"result of step {step.name!r} is not serialisable: {exc}"
+        if self.metrics is not None:
+            self._last_ok[msg["command_id"]] = ok
         return messages.encode("result", msg["saga_id"], msg.get("trace"),
                                command_id=msg["command_id"],
                                step=msg["step"], attempt=msg["attempt"], action=action,
                                ok=ok, result=result, error=error, retryable=retryable,
                                set=changed)
+
+
+class _Metrics:
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.commands = Counter(
+            "sagaz_participant_commands", "Commands by action (run/compensate) and outcome: "
+            "ok, error, replayed (answered from the inbox), dead_letter",
+            ["action", "outcome"], registry=registry)
+        self.seconds = Histogram("sagaz_participant_command_seconds",
+                                 "Time to run a step or compensation", ["action"],
+                                 registry=registry,
+                                 buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 30, 120))

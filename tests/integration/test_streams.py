@@ -462,6 +462,7 @@ async def test_a_restarted_participant_answers_a_redelivered_command_from_storag
     """`sagaz participant --storage`: replies outlive the process, so a command redelivered
     after a restart is answered with the first reply, without running the step again."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from prometheus_client import CollectorRegistry
 
     from sagaz import messages
     from sagaz.machine import command_id
@@ -496,8 +497,10 @@ async def test_a_restarted_participant_answers_a_redelivered_command_from_storag
         for _ in range(2):  # a participant process, then its replacement after a restart
             storage = await open_storage(url, **({"prefix": topic_prefix}
                                                  if backend == "redis" else {}))
+            registry = CollectorRegistry()
             participant = Participant("billing", [saga], bootstrap=kafka_bootstrap,
-                                      prefix=topic_prefix, inbox=storage.replies)
+                                      prefix=topic_prefix, inbox=storage.replies,
+                                      registry=registry)
             task = asyncio.create_task(participant.run())
             await producer.send_and_wait(f"{topic_prefix}.participant.billing", command,
                                          key=b"s1")
@@ -508,6 +511,11 @@ async def test_a_restarted_participant_answers_a_redelivered_command_from_storag
             await participant.stop()
             await task
             await storage.close()
+            counted = {outcome: registry.get_sample_value(
+                "sagaz_participant_commands_total", {"action": "run", "outcome": outcome})
+                for outcome in ("ok", "replayed")}
+            assert counted == ({"ok": 1.0, "replayed": None} if _ == 0 else
+                               {"ok": None, "replayed": 1.0})
     finally:
         await producer.stop()
         await results.stop()
