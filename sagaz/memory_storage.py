@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,9 +24,8 @@ from sagaz.storage import (
     Backoff,
     Handler,
     OutboxEvent,
-    check_event,
     check_inbox_args,
-    event_headers,
+    prepare_event,
 )
 from sagaz.store import InMemorySagaStore
 
@@ -51,11 +49,10 @@ class MemoryOutbox:
         self._seq = itertools.count()
 
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
-                  payload: Any, headers: dict[str, str] | None = None,
-                  event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
-        raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
-        headers = event_headers(headers)
-        event_id = event_id or uuid.uuid4().hex
+                     payload: Any, headers: dict[str, str] | None = None,
+                     event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
+        raw, headers, event_id = prepare_event(aggregate_id, topic, event_type, payload,
+                                               headers, event_id, delay)
         if event_id in self._rows:
             raise ValueError(f"event_id {event_id!r} is already in the outbox")
         event = OutboxEvent(event_id, event_id, aggregate_id, topic, event_type,
@@ -67,6 +64,10 @@ class MemoryOutbox:
     def _free(self, aggregate_id: str, now: float, worker_id: str) -> bool:
         lease = self._leases.get(aggregate_id)
         return lease is None or lease[1] < now or lease[0] == worker_id
+
+    def _holder(self, aggregate_id: str) -> str | None:
+        lease = self._leases.get(aggregate_id)
+        return None if lease is None else lease[0]
 
     async def claim(self, worker_id: str, limit: int, lease: float) -> list[OutboxEvent]:
         now = self.clock()
@@ -88,7 +89,7 @@ class MemoryOutbox:
     async def renew(self, worker_id: str, events: list[OutboxEvent], lease: float) -> None:
         now = self.clock()
         for agg in {e.aggregate_id for e in events}:
-            if self._leases.get(agg, ("",))[0] == worker_id:
+            if self._holder(agg) == worker_id:
                 self._leases[agg] = (worker_id, now + lease)
 
     def _leave(self, row: _Row, status: str, now: float) -> None:
@@ -98,7 +99,8 @@ class MemoryOutbox:
             queue.remove(row.event.event_id)
             if not queue:
                 del self._queues[row.event.aggregate_id]
-        if status == "sent":
+        if status == "sent":  # a publish acknowledged: one more attempt, the last
+            row.event = replace(row.event, attempts=row.event.attempts + 1)
             row.sent_at = now
 
     async def settle(self, worker_id: str, sent: list[OutboxEvent],
@@ -108,12 +110,11 @@ class MemoryOutbox:
         for event in sent:
             row = self._rows.get(event.event_id)
             if row is not None and row.status == "pending":
-                row.event = replace(row.event, attempts=row.event.attempts + 1)
                 self._leave(row, "sent", now)
         for event, error in failed:
             row = self._rows.get(event.event_id)
             if row is None or row.status != "pending" or \
-                    self._leases.get(event.aggregate_id, ("",))[0] != worker_id:
+                    self._holder(event.aggregate_id) != worker_id:
                 continue  # counted once, by the holder
             attempts = row.event.attempts
             row.event = replace(row.event, attempts=attempts + 1)
@@ -123,7 +124,7 @@ class MemoryOutbox:
             else:
                 row.due = now + backoff.delay(attempts)
         for agg in {e.aggregate_id for e in [*sent, *released, *(e for e, _ in failed)]}:
-            if self._leases.get(agg, ("",))[0] == worker_id:
+            if self._holder(agg) == worker_id:
                 del self._leases[agg]
 
     async def is_next(self, event: OutboxEvent) -> bool:
@@ -133,7 +134,6 @@ class MemoryOutbox:
     async def mark_sent(self, event: OutboxEvent) -> None:
         row = self._rows.get(event.event_id)
         if row is not None and row.status == "pending":
-            row.event = replace(row.event, attempts=row.event.attempts + 1)
             self._leave(row, "sent", self.clock())
 
     async def prune(self, older_than: float) -> int:

@@ -23,7 +23,6 @@ holds when the business transaction locks the aggregate's row (the usual case).
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import orjson
@@ -35,9 +34,8 @@ from sagaz.storage import (
     Handler,
     OutboxError,
     OutboxEvent,
-    check_event,
     check_inbox_args,
-    event_headers,
+    prepare_event,
 )
 from sagaz.store import SagaRecord
 
@@ -96,15 +94,14 @@ class PostgresOutbox:
         self.pool, self.scan_window = pool, scan_window
 
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
-                  payload: Any, headers: dict[str, str] | None = None,
-                  event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
-        raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
-        headers = event_headers(headers)
+                     payload: Any, headers: dict[str, str] | None = None,
+                     event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
+        raw, headers, event_id = prepare_event(aggregate_id, topic, event_type, payload,
+                                               headers, event_id, delay)
         in_transaction = getattr(tx, "is_in_transaction", None)
         if in_transaction is None or not in_transaction():
             raise OutboxError("insert needs the caller's connection inside an open transaction, "
                               "so the event commits or rolls back with the business change")
-        event_id = event_id or uuid.uuid4().hex
         row_id = await tx.fetchval(
             """INSERT INTO sagaz_outbox (event_id, aggregate_id, topic, event_type, payload,
                                          headers, available_at)

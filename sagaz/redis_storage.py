@@ -33,7 +33,6 @@ when it may be claimed.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -45,9 +44,8 @@ from sagaz.storage import (
     Handler,
     OutboxError,
     OutboxEvent,
-    check_event,
     check_inbox_args,
-    event_headers,
+    prepare_event,
 )
 from sagaz.store import SagaRecord
 
@@ -245,14 +243,13 @@ class RedisOutbox:
         self._prune = redis.register_script(_PRUNE)
 
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
-                  payload: Any, headers: dict[str, str] | None = None,
-                  event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
-        raw = check_event(aggregate_id, topic, event_type, payload, headers, event_id, delay)
-        headers = event_headers(headers)
+                     payload: Any, headers: dict[str, str] | None = None,
+                     event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
+        raw, headers, event_id = prepare_event(aggregate_id, topic, event_type, payload,
+                                               headers, event_id, delay)
         if not getattr(tx, "explicit_transaction", False):
             raise OutboxError("insert needs the caller's MULTI/EXEC pipeline (after "
                               "pipe.multi()), so the event is applied with the business change")
-        event_id = event_id or uuid.uuid4().hex
         # EVAL, not EVALSHA: inside MULTI a missing script would fail alone, after the
         # business writes were applied.
         tx.eval(_ADD, 0, self.prefix, event_id, aggregate_id, topic, event_type, raw,

@@ -36,6 +36,7 @@ Outbox semantics every backend keeps (tested once, against all three):
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -82,9 +83,11 @@ class Backoff:
         return float(min(self.cap, self.base * 2 ** min(attempts_before, 62)))
 
 
-def check_event(aggregate_id: Any, topic: Any, event_type: Any, payload: Any,
-                headers: Any, event_id: Any, delay: Any) -> bytes:
-    """Validate an event before any backend writes it; return the payload as JSON."""
+def prepare_event(aggregate_id: Any, topic: Any, event_type: Any, payload: Any,
+                  headers: Any, event_id: Any, delay: Any) -> tuple[bytes, dict[str, str], str]:
+    """Validate an event before any backend writes it. Returns the payload as JSON, the
+    headers (the current trace context, then the caller's, which win) and the event id
+    (a fresh one unless given)."""
     for name, value in (("aggregate_id", aggregate_id), ("topic", topic),
                         ("event_type", event_type)):
         if not isinstance(value, str) or not value:
@@ -97,16 +100,12 @@ def check_event(aggregate_id: Any, topic: Any, event_type: Any, payload: Any,
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
         raise OutboxError(f"delay must be a number of seconds >= 0, got {delay!r}")
     try:
-        return orjson.dumps(payload)
+        raw = orjson.dumps(payload)
     except TypeError as exc:
         raise OutboxError(f"payload of {event_type!r} is not JSON-serialisable: {exc}") from None
-
-
-def event_headers(headers: dict[str, str] | None) -> dict[str, str]:
-    """An event's headers: the current trace context, then the caller's (which win)."""
     from sagaz.tracing import current_trace_headers
 
-    return {**current_trace_headers(), **(headers or {})}
+    return raw, {**current_trace_headers(), **(headers or {})}, event_id or uuid.uuid4().hex
 
 
 def check_inbox_args(consumer: Any, event_id: Any, source_topic: Any, event_type: Any) -> None:
@@ -118,8 +117,8 @@ def check_inbox_args(consumer: Any, event_id: Any, source_topic: Any, event_type
 
 class OutboxStore(Protocol):
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
-                  payload: Any, headers: dict[str, str] | None = None,
-                  event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
+                     payload: Any, headers: dict[str, str] | None = None,
+                     event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
         """Write an event in the caller's transaction ``tx``. ``delay`` keeps workers off it
         for that long (the optimistic publisher uses it so the two do not race)."""
         ...
