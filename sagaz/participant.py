@@ -55,7 +55,6 @@ class Participant:
         self.commit_interval = commit_interval
         self.tracer = tracer  # an OpenTelemetry tracer: a span per command, in the saga's trace
         self.metrics = _Metrics(registry) if registry is not None else None
-        self._last_ok: dict[str, bool] = {}  # command id -> its step succeeded (for metrics)
         self._done: dict[Any, int] = {}  # replied-to offsets not yet committed
         self._next_commit = 0.0
         self.steps: dict[tuple[str, str], Step] = {}
@@ -146,12 +145,12 @@ class Participant:
         t0 = time.perf_counter()
         try:
             if self.tracer is None:
-                reply = await self.execute(msg)
+                reply, ok = await self.execute(msg)
             else:
                 from sagaz.tracing import span_for_command
 
                 with span_for_command(self.tracer, msg):
-                    reply = await self.execute(msg)
+                    reply, ok = await self.execute(msg)
             await self.inbox.put(self.service, command_id, reply)
             fut.set_result(reply)
         except BaseException as exc:
@@ -160,7 +159,6 @@ class Participant:
             raise
         finally:
             del self._running[command_id]
-            ok = self._last_ok.pop(command_id, False)
         if self.metrics is not None:
             self.metrics.seconds.labels(msg["type"]).observe(time.perf_counter() - t0)
             self._count(msg["type"], "ok" if ok else "error")
@@ -170,7 +168,9 @@ class Participant:
         if self.metrics is not None:
             self.metrics.commands.labels(action, outcome).inc()
 
-    async def execute(self, msg: dict[str, Any]) -> bytes:
+    async def execute(self, msg: dict[str, Any]) -> tuple[bytes, bool]:
+        """Run the command's step or compensation; its result message, and whether it
+        succeeded."""
         action = msg["type"]
         step = self.steps.get((msg["saga"], msg["step"]))
         ok, result, error, retryable, changed = False, None, None, False, {}
@@ -198,13 +198,11 @@ class Participant:
                 except TypeError as exc:
                     ok, result, changed = False, None, {}
                     error = f"result of step {step.name!r} is not serialisable: {exc}"
-        if self.metrics is not None:
-            self._last_ok[msg["command_id"]] = ok
         return messages.encode("result", msg["saga_id"], msg.get("trace"),
                                command_id=msg["command_id"],
                                step=msg["step"], attempt=msg["attempt"], action=action,
                                ok=ok, result=result, error=error, retryable=retryable,
-                               set=changed)
+                               set=changed), ok
 
 
 class _Metrics:
