@@ -18,11 +18,27 @@ with the saga and stamped on every command and outcome it causes.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import orjson
 
 VERSION = 1
+
+#: Default cap on one saga row or message, in bytes: under the Kafka producer's default
+#: max_request_size (1,048,576) and the broker's message.max.bytes (1,048,588), with room
+#: for the key, headers and record overhead.
+MAX_MESSAGE_BYTES = 1_000_000
+#: Step errors are clipped to this many characters before they go into a row or message.
+MAX_ERROR_CHARS = 4000
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"... [{len(text) - limit} more characters cut]"
+    return text[:max(0, limit - len(note))] + note
 
 
 class MessageError(ValueError):
@@ -54,6 +70,13 @@ def dead_letter_headers(reason: str, topic: str, partition: int,
     and key are the original bytes, untouched."""
     return [("sagaz-reason", reason.encode()),
             ("sagaz-source", f"{topic}:{partition}:{offset}".encode())]
+
+
+def truncation_headers(value: bytes) -> list[tuple[str, bytes]]:
+    """Headers of a dead letter whose value was cut to fit: the original's size and hash."""
+    return [("sagaz-truncated", b"true"),
+            ("sagaz-original-size", str(len(value)).encode()),
+            ("sagaz-original-sha256", hashlib.sha256(value).hexdigest().encode())]
 
 
 def encode(type_: str, saga_id: str, trace: dict[str, str] | None = None, **fields: Any) -> bytes:

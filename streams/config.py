@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sagaz.definition import Saga
+from sagaz.messages import MAX_MESSAGE_BYTES
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,12 @@ class Settings:
     # idempotent starts) before its row is deleted; 0 keeps rows forever. Failed sagas
     # (compensation failed) are kept until an operator retries them.
     retention: float = 7 * 86400
+    # Largest saga row or message, in bytes: must not exceed the broker's message.max.bytes
+    # (and the topics' max.message.bytes); a step result that would pass it fails the step.
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Seconds an input (or its outputs' acknowledgement) may be pending before the worker
+    # reports itself not ready.
+    stall_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object per line
     extra: dict[str, Any] = field(default_factory=dict)  # passed to faust.App
@@ -51,6 +58,12 @@ class Settings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "must be an integer >= 1")
+        if isinstance(self.max_message_bytes, bool) or not isinstance(
+                self.max_message_bytes, int) or not 4096 <= self.max_message_bytes <= 64 << 20:
+            raise bad("max_message_bytes", "must be an integer from 4096 to 67108864 bytes")
+        if isinstance(self.stall_timeout, bool) or not isinstance(
+                self.stall_timeout, (int, float)) or not 1 <= self.stall_timeout <= 3600:
+            raise bad("stall_timeout", "must be a number of seconds from 1 to 3600")
         if self.web_port > 65535:
             raise bad("web_port", "must be a TCP port")
         for name in ("timer_interval", "producer_linger", "commit_interval",

@@ -18,6 +18,18 @@ Effectively once, over at-least-once delivery:
 - Faust commits an input offset only after flushing the producer, so a committed input's
   row update and commands were all written; an uncommitted one is delivered again.
 
+Sizes: every row and message is at most ``max_message_bytes`` (default
+``sagaz.messages.MAX_MESSAGE_BYTES``, under the producer's and the broker's 1 MiB limits),
+checked here, before anything is written. A step result that would make the row or a
+command too large fails that step (not retryable; the reason is the saga's error), so the
+saga compensates; a start whose data is too large, or any other input whose outcome cannot
+be written, is dead-lettered and the row stays as it was. Large payloads belong outside
+the saga (store them, pass a reference: a claim check).
+
+Timers: a timer event is applied only when its timer is armed in the row and due; an early
+one (forged, or fired by a worker whose clock runs ahead) changes nothing and the timer is
+armed again in the index.
+
 Retention: a saga that ends completed or compensated gets an ``expires_at`` in its row and
 an expiry timer (key ``EXPIRE``, outside the machine's timers); when that timer event comes
 back through the timers topic the row is deleted (a changelog tombstone), in the saga's own
@@ -39,7 +51,7 @@ from sagaz import machine as m
 from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.machine import Plan, SagaState
-from sagaz.messages import MessageError
+from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 
 ROW_VERSION = 1
 EXPIRE = "sagaz:expire"  # timer key of a finished saga's retention; not a machine timer
@@ -90,8 +102,9 @@ def participant_of(saga: Saga, step: str) -> str:
 
 class Orchestrator:
     def __init__(self, sagas: Iterable[Saga], topics: Topics, *, inbox_size: int = 64,
-                 retention: float = 0.0) -> None:
+                 retention: float = 0.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.topics = topics
+        self.max_message_bytes = max_message_bytes
         self.inbox_size = inbox_size
         self.retention = retention  # 0: rows are kept forever
         self.sagas: dict[str, tuple[Saga, Plan]] = {}
@@ -136,7 +149,7 @@ class Orchestrator:
             if row is None:
                 raise MessageError(f"no saga {saga_id!r} here (never started, or its start "
                                    f"has not been processed)")
-            return self._event(msg, orjson.loads(row), now)
+            return self._event(msg, row, now)
         except MessageError as exc:
             return Output(None, [], [], str(exc))
 
@@ -152,20 +165,46 @@ class Orchestrator:
         doc = {"v": ROW_VERSION, "saga": saga.name, "state": None, "data": msg["data"],
                "results": {}, "inbox": ["start"], "key": msg["idempotency_key"],
                "trace": msg.get("trace")}
-        return self._commit(saga, plan, doc, state, cmds)
+        out = self._commit(saga, plan, doc, state, cmds)
+        too_big = self._oversize(out)
+        if too_big:
+            raise MessageError(f"start of saga {msg['saga_id']!r} ({saga.name}) refused: "
+                               f"{too_big}; keep large payloads outside the saga and pass a "
+                               f"reference")
+        return out
 
-    def _event(self, msg: dict[str, Any], doc: dict[str, Any], now: float) -> Output:
+    def _event(self, msg: dict[str, Any], row: bytes, now: float) -> Output:
+        doc = orjson.loads(row)
         entry = self.sagas.get(doc["saga"])
         if entry is None:
             raise MessageError(f"saga {msg['saga_id']!r} is a {doc['saga']!r}, which this "
                                f"worker does not define")
         saga, plan = entry
-        if msg["type"] == "timer" and msg["key"] == EXPIRE:
-            # Only a finished saga has expires_at (a retried one loses it): delete it then.
-            return Output(None, [], [], None, delete="expires_at" in doc)
+        if msg["type"] == "timer":
+            early = self._early_timer(msg["key"], doc, now)
+            if early is not None:
+                return early
+            if msg["key"] == EXPIRE:
+                return Output(None, [], [], None, delete=True)
         event_id, event, result = self._to_event(msg, plan, doc)
         if event_id in doc["inbox"]:
             return self._repeat(doc, event_id)
+        out = self._apply(saga, plan, doc, event_id, event, result, msg.get("set"), now)
+        too_big = self._oversize(out)
+        if too_big and isinstance(event, m.StepSucceeded):
+            # The result does not fit: the step fails (retrying would return the same).
+            event = m.StepFailed(event.step, event.attempt, f"result of step {event.step!r} "
+                                 f"is too large: {too_big}; keep large payloads outside the "
+                                 f"saga and return a reference", False)
+            out = self._apply(saga, plan, orjson.loads(row), event_id, event, None, None, now)
+            too_big = self._oversize(out)
+        if too_big:
+            raise MessageError(f"saga {msg['saga_id']!r} unchanged: applying this "
+                               f"{msg['type']} would write {too_big}")
+        return out
+
+    def _apply(self, saga: Saga, plan: Plan, doc: dict[str, Any], event_id: str, event: Any,
+               result: Any, changed: dict[str, Any] | None, now: float) -> Output:
         state = SagaState.from_dict(doc["state"])
         seq = state.seq
         _, cmds = m.handle(plan, state, event, now)
@@ -174,11 +213,35 @@ class Orchestrator:
         if isinstance(event, m.StepSucceeded):
             if result is not None:
                 doc["results"][event.step] = result
-            doc["data"].update(msg["set"])  # context keys the step set, as in-process
+            doc["data"].update(changed or {})  # context keys the step set, as in-process
         inbox = doc["inbox"]
         inbox.append(event_id)
         del inbox[:-self.inbox_size]
         return self._commit(saga, plan, doc, state, cmds)
+
+    def _early_timer(self, key: str, doc: dict[str, Any], now: float) -> Output | None:
+        """An armed timer whose due time has not come: nothing happens, and it is armed
+        again (the index popped it). None when the timer may be applied."""
+        due = doc.get("expires_at") if key == EXPIRE else doc["state"]["timers"].get(key)
+        if due is None:
+            # Not armed: a stale timer (the machine ignores it) or a repeated expiry of a
+            # saga that a retry made unfinished again (kept: it has no expires_at).
+            return Output(None, [], [], None) if key == EXPIRE else None
+        if due <= now:
+            return None
+        if key == EXPIRE and due > now + EXPIRY_HORIZON:
+            return Output(None, [], [], None)  # the rescan arms it when it comes near
+        return Output(None, [], [(due, key)], None)
+
+    def _oversize(self, out: Output) -> str | None:
+        """What in an output exceeds ``max_message_bytes``, or None."""
+        limit = self.max_message_bytes
+        if out.row is not None and len(out.row) > limit:
+            return f"a saga row of {len(out.row)} bytes (max_message_bytes is {limit})"
+        for topic, _, value in out.sends:
+            if len(value) > limit:
+                return f"a {topic} message of {len(value)} bytes (max_message_bytes is {limit})"
+        return None
 
     @staticmethod
     def _to_event(msg: dict[str, Any], plan: Plan, doc: dict[str, Any]) -> tuple[str, Any, Any]:
@@ -199,7 +262,7 @@ class Orchestrator:
             raise MessageError(f"command_id {msg['command_id']!r} does not match "
                                f"{expected!r}")
         event_id = f"{expected}|{'ok' if msg['ok'] else 'error'}"
-        error = msg["error"] or "failed"
+        error = clip(msg["error"] or "failed", MAX_ERROR_CHARS)
         if action == "run":
             if msg["ok"]:
                 return event_id, m.StepSucceeded(step, attempt), msg["result"]
