@@ -9,6 +9,19 @@ code is right in a batch).
 The agent runs at least once; ``streams.orchestrator`` explains why no effect repeats.
 Every input ends in exactly one place: applied, ignored as stale (the machine's rule),
 re-emitted as a duplicate, or sent to the dead-letter topic with the reason in a header.
+
+Acks are ours, not faust's (the stream is ``noack``): an input is acked, and so its
+offset can be committed, only once everything it caused was acknowledged by the broker
+(its commands, or its dead-letter copy), strictly in offset order per partition. An input
+whose outputs or dead-letter copy cannot be written *stalls its partition*: it is not
+acked, nothing after it on that partition is processed or acked (a restart or rebalance
+delivers them again), and ``/health/ready`` says which partition and why. Faust would
+otherwise ack a record whose handling raised, and its gap tracking can commit past an
+unacked record that precedes an acked one.
+
+Health: ``live`` is false when the agent or the producer is dead (so Kubernetes restarts
+the pod); ``ready`` is false while starting, recovering or rebalancing, and while a
+partition is stalled or an input or its outputs have been pending for ``stall_timeout``.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import deque
 from typing import Any
 
 import faust
@@ -26,9 +40,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sagaz import messages
 from sagaz.definition import Saga
+from sagaz.errors import describe
+from sagaz.messages import MAX_ERROR_CHARS, clip
 from sagaz.topics import ensure_topics
 from streams.config import Settings
-from streams.orchestrator import EXPIRY_HORIZON, Orchestrator, Topics, armed_timers
+from streams.orchestrator import EXPIRY_HORIZON, Orchestrator, Output, Topics, armed_timers
 from streams.timers import TimerIndex
 
 log = logging.getLogger("sagaz.streams")
@@ -51,6 +67,19 @@ class Metrics:
                                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1))
         self.timers = Counter("sagaz_stream_timers_fired", "Timer events sent",
                               registry=self.registry)
+        self.stalled = Counter("sagaz_stream_partitions_stalled",
+                               "Partitions stopped on an input whose outputs or dead-letter "
+                               "copy could not be written", registry=self.registry)
+
+
+class DeadLetterFailed(RuntimeError):
+    """The dead-letter copy of an input could not be written."""
+
+
+#: Bytes of the original value kept in a dead-letter copy that would be too large.
+TRUNCATED_VALUE_BYTES = 4096
+DEAD_LETTER_ATTEMPTS = 3
+DEAD_LETTER_TIMEOUT = 20.0  # seconds to wait for the broker's ack of one attempt
 
 
 class OrchestratorApp:
@@ -61,9 +90,17 @@ class OrchestratorApp:
         self.topics = Topics(settings.prefix)
         self.orchestrator = Orchestrator(sagas if sagas is not None else settings.load_sagas(),
                                          self.topics, inbox_size=settings.inbox_size,
-                                         retention=settings.retention)
+                                         retention=settings.retention,
+                                         max_message_bytes=settings.max_message_bytes)
         self.timers = TimerIndex()
         self.metrics = Metrics()
+        self._stream: Any = None
+        # per partition, inputs processed and not yet acked: (event, output futures, since)
+        self._unacked: dict[Any, deque[tuple[Any, list[Any], float]]] = {}
+        self.stalled: dict[Any, tuple[str, float]] = {}  # partition -> (reason, since)
+        self._busy_since: float | None = None  # monotonic start of the input in hand
+        self._agent_state: str | None = None  # None: not started; "running"; or why not
+        self._fatal: str | None = None  # a dead producer, seen by a send callback
         self._assignment: frozenset[Any] | None = None
         self._next_rescan = 0.0  # when to rescan the rows for expiries coming due
         self._counts: dict[str, int] = {}  # partition counts of the output topics
@@ -77,6 +114,10 @@ class OrchestratorApp:
             processing_guarantee="at_least_once",
             consumer_auto_offset_reset="earliest",
             producer_linger=settings.producer_linger,
+            # Rows and messages are checked against max_message_bytes before they are
+            # written; the producer must never refuse what passed that check.
+            producer_max_request_size=max(1_048_576, settings.max_message_bytes + 65_536),
+            producer_request_timeout=max(30.0, settings.stall_timeout),
             broker_commit_interval=settings.commit_interval,
             broker_session_timeout=settings.session_timeout,
             broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
@@ -154,60 +195,177 @@ class OrchestratorApp:
 
     async def _agent(self, stream: Any) -> None:
         # One message at a time: nothing here waits on the broker (sends are queued, and
-        # faust flushes them before it commits the input's offset), so batching would only
-        # add the wait for a batch to fill.
-        async for event in stream.events():
-            t0 = time.perf_counter()
-            await self.process(event)
-            self.metrics.latency.observe(time.perf_counter() - t0)
+        # acked once the broker acknowledged them), so batching would only add the wait
+        # for a batch to fill.
+        self._stream = stream = stream.noack()
+        self._agent_state = "running"
+        try:
+            async for event in stream.events():
+                t0 = time.perf_counter()
+                await self.process(event)
+                self.metrics.latency.observe(time.perf_counter() - t0)
+        except BaseException as exc:
+            self._agent_state = f"agent stopped: {describe(exc)}"
+            raise
+        self._agent_state = "agent stopped: its stream ended"
 
     async def process(self, event: Any) -> None:
-        token = _current_event.set(weakref.ref(event))  # table partition = this message's
         message = event.message
+        tp = message.tp
+        if tp in self.stalled:
+            return  # not acked: delivered again after a restart or rebalance
+        self._busy_since = time.monotonic()
+        token = _current_event.set(weakref.ref(event))  # table partition = this message's
+        futures: list[Any] = []
+        out: Output | None = None
+        reason: str | None
         try:
-            out = self.orchestrator.process(message.topic, event.key, event.value,
-                                            self.table.get(event.key), time.time())
-            if out.dead_letter is not None:
-                await self.dead_letter(message, out.dead_letter)
-                return
-            if out.row is not None:
-                self.table[event.key] = out.row
-                self.metrics.events.labels("applied").inc()
-            elif out.delete:
-                del self.table[event.key]
-                self.metrics.events.labels("expired").inc()
+            try:
+                out = self.orchestrator.process(message.topic, event.key, event.value,
+                                                self.table.get(event.key), time.time())
+            except Exception as exc:  # a bug: never let the input vanish
+                log.exception("processing %s:%s@%s failed", message.topic, message.partition,
+                              message.offset)
+                reason = f"internal error: {describe(exc)}"
             else:
-                self.metrics.events.labels("repeated" if out.sends else "stale").inc()
-            if out.timers:
-                self.timers.arm(event.key.decode(), out.timers)
-            if out.disarmed:
-                self.timers.disarm(event.key.decode(), out.disarmed)
-            # Straight to the aiokafka client (faust's wrapper costs ~60 us a message; its
-            # flush before each offset commit still covers these). Every output is keyed by
-            # saga id, so on a topic with as many partitions as the input its partition is
-            # the input's: no need to hash the key again.
-            producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
-            n = self.settings.partitions
-            for topic, key, value in out.sends:
-                partition = message.partition if self._counts.get(topic) == n else None
-                await producer.send(topic, value, key=key, partition=partition)
-                if topic == self.topics.outcomes and out.row is not None:
-                    self._count_finished(value)
-        except Exception as exc:  # never let faust ack and drop it silently
-            log.exception("processing %s:%s@%s failed", message.topic, message.partition,
-                          message.offset)
-            await self.dead_letter(message, f"internal error: {type(exc).__name__}: {exc}")
+                reason = out.dead_letter
+            if out is None or reason is not None:
+                await self.dead_letter(message, reason or "internal error")
+            else:
+                self._apply(event, out, futures)
+                # Straight to the aiokafka client (faust's wrapper costs ~60 us a message).
+                # Every output is keyed by saga id, so on a topic with as many partitions
+                # as the input its partition is the input's: no need to hash the key again.
+                producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
+                n = self.settings.partitions
+                for topic, key, value in out.sends:
+                    partition = message.partition if self._counts.get(topic) == n else None
+                    futures.append(await producer.send(topic, value, key=key,
+                                                       partition=partition))
+                    if topic == self.topics.outcomes and out.row is not None:
+                        self._count_finished(value)
+        except Exception as exc:  # the row may be written: stall rather than skip
+            self._stall(tp, message, describe(exc))
+            return
         finally:
             _current_event.reset(token)
+            self._busy_since = None
+        queue = self._unacked.get(tp)
+        if queue is None:
+            queue = self._unacked[tp] = deque()
+        queue.append((event, futures, time.monotonic()))
+        await self._ack_done(tp, queue)
+
+    def _apply(self, event: Any, out: Any, futures: list[Any]) -> None:
+        if out.row is not None:
+            self.table[event.key] = out.row
+            self.metrics.events.labels("applied").inc()
+        elif out.delete:
+            del self.table[event.key]
+            self.metrics.events.labels("expired").inc()
+        else:
+            self.metrics.events.labels("repeated" if out.sends else "stale").inc()
+        if out.timers:
+            self.timers.arm(event.key.decode(), out.timers)
+        if out.disarmed:
+            self.timers.disarm(event.key.decode(), out.disarmed)
+
+    async def _ack_done(self, tp: Any, queue: deque[tuple[Any, list[Any], float]]) -> None:
+        """Ack, in offset order, the inputs whose outputs the broker acknowledged."""
+        while queue:
+            event, futures, _ = queue[0]
+            for fut in futures:
+                if not fut.done():
+                    return
+                if fut.cancelled() or fut.exception() is not None:
+                    error = "cancelled" if fut.cancelled() else describe(fut.exception())
+                    queue.clear()
+                    self._stall(tp, event.message, f"sending an output failed: {error}")
+                    return
+            queue.popleft()
+            await self._stream.ack(event)
+
+    def _stall(self, tp: Any, message: Any, reason: str) -> None:
+        """Stop a partition on an input that could not be handled: it stays unacked."""
+        reason = clip(f"{message.topic}:{message.partition}@{message.offset}: {reason}",
+                      MAX_ERROR_CHARS)
+        log.error("partition %s stalled (restart the worker once the cause is fixed): %s",
+                  tp, reason)
+        self.stalled[tp] = (reason, time.time())
+        self._unacked.pop(tp, None)
+        self.metrics.stalled.inc()
+        try:
+            self.app.consumer.pause_partitions([tp])
+        except Exception:  # stalled all the same: nothing of it is acked
+            log.exception("pausing partition %s failed", tp)
 
     async def dead_letter(self, message: Any, reason: str) -> None:
+        """Write the input's dead-letter copy and wait for the broker's ack; raise
+        DeadLetterFailed when it cannot be written. A copy that would be too large keeps a
+        truncated value, with the original size and SHA-256 in headers."""
         self.metrics.events.labels("dead_letter").inc()
         log.warning("dead-lettering %s:%s@%s: %s", message.topic, message.partition,
-                    message.offset, reason)
-        headers = messages.dead_letter_headers(reason, message.topic, message.partition,
-                                               message.offset)
-        await self.app.producer.send(self.topics.dead_letters, message.key, message.value,
-                                     None, None, headers)
+                    message.offset, clip(reason, 500))
+        key, value = message.key, message.value
+        headers = messages.dead_letter_headers(clip(reason, MAX_ERROR_CHARS), message.topic,
+                                               message.partition, message.offset)
+        if len(key or b"") + len(value or b"") > self.settings.max_message_bytes:
+            headers += messages.truncation_headers(value or b"")
+            key, value = (key or b"")[:1024], (value or b"")[:TRUNCATED_VALUE_BYTES]
+        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        error: BaseException | None = None
+        for attempt in range(DEAD_LETTER_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.5 * 2 ** attempt)
+            try:
+                fut = await producer.send(self.topics.dead_letters, value, key=key,
+                                          headers=headers)
+                await asyncio.wait_for(fut, DEAD_LETTER_TIMEOUT)
+                return
+            except Exception as exc:
+                error = exc
+                log.warning("dead-letter copy of %s:%s@%s not written (attempt %d): %s",
+                            message.topic, message.partition, message.offset, attempt + 1,
+                            describe(exc))
+        raise DeadLetterFailed(f"its dead-letter copy could not be written: "
+                               f"{describe(error) if error else 'unknown'}; dead-letter "
+                               f"reason: {reason}")
+
+    def health(self) -> tuple[bool, bool, dict[str, Any]]:
+        """(live, ready, details): what /health/live and /health/ready answer."""
+        dead = []
+        if self._agent_state not in (None, "running"):
+            dead.append(self._agent_state)
+        producer = getattr(self.app.producer, "_producer", None)
+        if self.app.started and producer is not None:
+            sender = getattr(getattr(producer, "_sender", None), "_sender_task", None)
+            if getattr(producer, "_closed", False) or (sender is not None and sender.done()):
+                dead.append("producer stopped")
+        buffer = getattr(self.app.producer, "buffer", None)
+        crashed = getattr(buffer, "_crashed", None)
+        if crashed is not None and crashed.is_set():
+            dead.append(f"producer buffer crashed: {getattr(buffer, 'crash_reason', None)}")
+        waiting = []
+        if not self.ready():
+            waiting.append("starting, recovering tables or rebalancing")
+        now = time.monotonic()
+        limit = self.settings.stall_timeout
+        if self._busy_since is not None and now - self._busy_since > limit:
+            waiting.append(f"one input has been processing for {now - self._busy_since:.0f}s")
+        for tp, queue in self._unacked.items():
+            if queue and now - queue[0][2] > limit:
+                waiting.append(f"outputs of {tp.topic}:{tp.partition} not acknowledged for "
+                               f"{now - queue[0][2]:.0f}s")
+        details: dict[str, Any] = {
+            "agent": self._agent_state or "not started",
+            "stalled": [{"topic": tp.topic, "partition": tp.partition, "reason": reason,
+                         "since": since} for tp, (reason, since) in self.stalled.items()],
+            "unacked": sum(len(q) for q in self._unacked.values())}
+        if dead:
+            details["dead"] = dead
+        if waiting:
+            details["waiting"] = waiting
+        return not dead, not dead and not waiting and not self.stalled, details
 
     def _count_finished(self, value: bytes) -> None:
         doc = orjson.loads(value)
@@ -216,23 +374,49 @@ class OrchestratorApp:
     # -- timers
 
     async def _fire_timers(self) -> None:
+        for tp, queue in list(self._unacked.items()):  # inputs whose outputs were acked since
+            await self._ack_done(tp, queue)
         if not self.ready():
             return
         assignment = frozenset(self.app.consumer.assignment())
         if assignment != self._assignment or (
                 self.settings.retention and time.time() >= self._next_rescan):
+            if assignment != self._assignment:
+                self._reassigned(assignment)
             self._assignment = assignment
             self.rebuild_timers()
         self.timers.compact()
         due = self.timers.due(time.time())
         if not due:
             return
-        producer = self.app.producer
+        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
         for due_at, saga_id, key in due:
-            await producer.send(self.topics.timers, saga_id.encode(),
-                                messages.encode("timer", saga_id, key=key, due=due_at),
-                                None, None, None)
+            try:
+                fut = await producer.send(self.topics.timers,
+                                          messages.encode("timer", saga_id, key=key,
+                                                          due=due_at),
+                                          key=saga_id.encode())
+            except Exception as exc:
+                self._timer_not_sent(due_at, saga_id, key, exc)
+                continue
+            fut.add_done_callback(
+                lambda f, d=due_at, s=saga_id, k=key: f.cancelled() or f.exception() is None
+                or self._timer_not_sent(d, s, k, f.exception()))
         self.metrics.timers.inc(len(due))
+
+    def _timer_not_sent(self, due: float, saga_id: str, key: str, exc: Any) -> bool:
+        log.warning("timer %s of saga %s not sent (armed again): %s", key, saga_id, exc)
+        self.timers.arm(saga_id, [(due, key)])
+        return True
+
+    def _reassigned(self, assignment: frozenset[Any]) -> None:
+        """Forget the partitions this worker lost: their stalls and unacked inputs (the new
+        owner processes them from the committed offset)."""
+        for tp in [tp for tp in self.stalled if tp not in assignment]:
+            del self.stalled[tp]
+            self.app.consumer.resume_partitions([tp])
+        for tp in [tp for tp in self._unacked if tp not in assignment]:
+            del self._unacked[tp]
 
     def rebuild_timers(self) -> None:
         """Scan the rows of this worker's active partitions for armed timers: the machine's,

@@ -5,8 +5,9 @@ GET /sagas?status=&name=&limit=[&scope=local]   sagas, newest first: of every wo
                      (this one asks the others, named by the partition assignor, and
                      merges; workers that do not answer are listed under "unreachable"),
                      or with scope=local of this worker's active partitions only
-GET /health/live     the process answers
-GET /health/ready    tables recovered, not rebalancing
+GET /health/live     503 when the agent or the producer is dead (restart the pod)
+GET /health/ready    503 while starting, recovering or rebalancing, or while a partition
+                     is stalled or work has been pending for stall_timeout; details say why
 GET /metrics         Prometheus text format
 """
 
@@ -116,13 +117,14 @@ def register(oapp: OrchestratorApp) -> None:
 
     @app.page("/health/live")
     async def live(web: Any, request: Any) -> Any:
-        return _json(web, {"status": "live"})
+        ok, _, details = oapp.health()
+        return _json(web, {"status": "live" if ok else "dead", **details}, 200 if ok else 503)
 
     @app.page("/health/ready")
     async def ready(web: Any, request: Any) -> Any:
-        if oapp.ready():
-            return _json(web, {"status": "ready"})
-        return _json(web, {"status": "starting"}, 503)
+        _, ok, details = oapp.health()
+        return _json(web, {"status": "ready" if ok else "not ready", **details},
+                     200 if ok else 503)
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
