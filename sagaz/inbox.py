@@ -1,17 +1,24 @@
 """Participant inboxes: the recorded reply to each command id, so a redelivered command is
 answered with the first reply instead of running the step again.
 
-The reply is recorded after the step ran and before it is sent. A participant that
-crashes in between runs the step again when the command is redelivered, so a step's
-effect must be idempotent on its own (key it by ``ctx.saga_id``, or do its writes through
-a ``ConsumerInbox``). The in-memory inbox lives as long as the participant process;
-``storage.replies`` of a PostgreSQL or Redis ``Storage`` survives restarts.
+The reply is recorded (and, on the default ``ChangelogInbox``, acknowledged by the broker)
+before it is sent, so a step whose reply the broker acknowledged never runs again. A
+participant that crashes after the step ran and before its reply was recorded runs the step
+again when the command is redelivered: only the attempts running at a crash may repeat,
+so a step's effect should be idempotent on its own (key it by ``ctx.saga_id``, or do its
+writes through a ``ConsumerInbox``). ``ChangelogInbox`` (the participant's default) keeps
+replies in RocksDB backed by a compacted Kafka topic; ``storage.replies`` of a PostgreSQL
+or Redis ``Storage`` survives restarts too; ``MemoryInbox`` does not.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import Any, Protocol
+
+from sagaz.topics import topic_partition
 
 
 class Inbox(Protocol):
@@ -38,3 +45,115 @@ class MemoryInbox:
         self._replies.setdefault((consumer, command_id), reply)  # the first reply stands
         if len(self._replies) > self.max_entries:
             self._replies.popitem(last=False)
+
+
+class ChangelogInbox:
+    """A participant's durable, Kafka-native inbox: per partition of its command topic, a
+    RocksDB database (rocksdict) backed by a compacted changelog topic with the same
+    partition count, so the records of command partition p live in changelog partition p.
+
+    When a partition is assigned, its database is brought up to date from the changelog
+    (from the offset it had reached, or from the start with an empty data directory: a
+    participant restarted on another node still knows what it did). A record is written to
+    the changelog, acknowledged by the broker, and then applied locally. Two kinds of
+    record, one key (the command id): ``S<n>``, the command was started n times (so a
+    command that keeps crashing the process is recognised), and ``R<reply>``, its reply
+    (which compaction then keeps in place of the start count).
+
+    One owner per partition at a time (the consumer group's assignment); ``get`` reads the
+    local database only.
+    """
+
+    OFFSET_KEY = b"\x00sagaz:changelog-offset"
+
+    def __init__(self, topic: str, datadir: str, *, bootstrap: str,
+                 client_options: dict[str, Any] | None = None) -> None:
+        self.topic, self.datadir, self.bootstrap = topic, datadir, bootstrap
+        self.client_options = client_options or {}
+        self.producer: Any = None  # the participant's (idempotent) producer
+        self._dbs: dict[int, Any] = {}
+
+    def _open(self, partition: int) -> Any:
+        from rocksdict import Options, Rdict
+
+        os.makedirs(self.datadir, exist_ok=True)
+        return Rdict(os.path.join(self.datadir, f"inbox-{partition}.db"),
+                     Options(raw_mode=True))
+
+    async def assign(self, partitions: list[int]) -> float:
+        """Restore the given partitions from the changelog; the seconds it took."""
+        from aiokafka import AIOKafkaConsumer
+
+        t0 = time.monotonic()
+        fresh = [p for p in partitions if p not in self._dbs]
+        if not fresh:
+            return 0.0
+        for p in fresh:
+            self._dbs[p] = self._open(p)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                    **self.client_options)
+        await consumer.start()
+        try:
+            tps = [topic_partition(self.topic, p) for p in fresh]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            todo = {}
+            for tp in tps:
+                raw = self._dbs[tp.partition].get(self.OFFSET_KEY)
+                start = int(raw) if raw is not None else 0
+                if start < ends[tp]:
+                    consumer.seek(tp, start)
+                    todo[tp] = ends[tp]
+            while todo:
+                batches = await consumer.getmany(*todo, timeout_ms=500, max_records=5000)
+                for tp, records in batches.items():
+                    db = self._dbs[tp.partition]
+                    for r in records:
+                        if r.key is not None:
+                            if r.value is None:
+                                db.delete(r.key)
+                            else:
+                                db[r.key] = r.value
+                    if records:
+                        db[self.OFFSET_KEY] = str(records[-1].offset + 1).encode()
+                for tp in list(todo):
+                    if await consumer.position(tp) >= todo[tp]:
+                        del todo[tp]
+        finally:
+            await consumer.stop()
+        return time.monotonic() - t0
+
+    def revoke(self, partitions: list[int]) -> None:
+        for p in partitions:
+            db = self._dbs.pop(p, None)
+            if db is not None:
+                db.close()
+
+    def close(self) -> None:
+        self.revoke(list(self._dbs))
+
+    def get(self, partition: int, command_id: str) -> tuple[bytes | None, int]:
+        """(the recorded reply or None, how many times the command was started)."""
+        raw = self._dbs[partition].get(command_id.encode())
+        if raw is None:
+            return None, 0
+        if raw[:1] == b"R":
+            return raw[1:], 0
+        return None, int(raw[1:])
+
+    async def started(self, partition: int, command_id: str, count: int) -> None:
+        await self._write(partition, command_id, b"S%d" % count)
+
+    async def replied(self, partition: int, command_id: str, reply: bytes) -> None:
+        await self._write(partition, command_id, b"R" + reply)
+
+    async def _write(self, partition: int, command_id: str, value: bytes) -> None:
+        key = command_id.encode()
+        meta = await (await self.producer.send(self.topic, value, key=key,
+                                               partition=partition))
+        db = self._dbs.get(partition)
+        if db is not None:  # still ours
+            db[key] = value
+            raw = db.get(self.OFFSET_KEY)
+            if raw is None or int(raw) <= meta.offset:
+                db[self.OFFSET_KEY] = str(meta.offset + 1).encode()

@@ -6,16 +6,39 @@
 It consumes ``{prefix}.participant.{service}``, runs the step's own function from the same
 ``Saga`` definition the in-process engine uses (steps whose ``participant`` is this service;
 a step without one belongs to the service named after its saga), and publishes the result,
-keyed by saga id, to ``{prefix}.results``. A command id it has answered before is answered
-again from its inbox without running the step. An offset is committed (every
-``commit_interval`` seconds) only after the replies up to it were acknowledged by the
-broker, so a crash repeats replies, never loses them.
+keyed by saga id, to ``{prefix}.results``.
+
+- Concurrency: up to ``concurrency`` commands run at once; commands for one step of one
+  saga (its run, a retry, its compensation) run one after another, in the order they
+  arrived, while a DAG's independent steps run in parallel as the orchestrator sent them. A step runs at most its ``timeout=`` (a
+  compensation its ``compensation_timeout=``): then it is cancelled and reported failed
+  (retryable per its ``Retry.retry_on_timeout``), so one hung step does not hold back the
+  commands behind it.
+- Effectively once: by default the inbox is a ``ChangelogInbox`` (RocksDB backed by the
+  compacted topic ``{prefix}.participant.{service}.inbox``, restored when partitions are
+  assigned). Before a step runs, the inbox records that it started (acknowledged by the
+  broker); the reply is recorded (acknowledged) before it is sent. A command id that has a
+  recorded reply is answered from it without running the step; a command that was started
+  ``max_crashes`` times without a reply (it keeps killing the process) is dead-lettered and
+  answered with a failure. ``inbox=`` takes ``storage.replies`` or a ``MemoryInbox``
+  instead (no crash count there).
+- Sizes: a reply larger than ``max_message_bytes`` becomes a failed step (not retryable)
+  saying so; it is never left unsendable.
+- Offsets: a partition's offset is committed up to its oldest command not yet answered,
+  every ``commit_interval`` seconds whether or not new commands arrive, and when
+  partitions are revoked or the participant stops. A crash repeats replies, never loses
+  them.
+- Shutdown: ``stop()`` stops fetching, waits up to ``shutdown_timeout`` for running steps,
+  cancels the rest (their commands are delivered again), commits and closes.
+- Health: ``live()`` is false once the loop or the producer died or a reply could not be
+  sent; ``ready()`` is false until partitions are assigned and restored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -26,37 +49,54 @@ from sagaz import messages
 from sagaz.context import SagaContext
 from sagaz.definition import Saga, Step
 from sagaz.errors import describe
-from sagaz.inbox import Inbox, MemoryInbox
-from sagaz.messages import MessageError
-from sagaz.topics import topic_partition
+from sagaz.inbox import ChangelogInbox, Inbox
+from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
+from sagaz.topics import ensure_topics
 
 log = logging.getLogger("sagaz.participant")
 
 _COMMANDS = frozenset({"run", "compensate"})
 
 
+def _positive(name: str, value: Any, kind: Any = int, minimum: Any = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
+
+
 class Participant:
     def __init__(self, service: str, sagas: Iterable[Saga], *, bootstrap: str,
                  prefix: str = "sagaz", inbox: Inbox | None = None,
-                 max_batch: int = 500, commit_interval: float = 0.2,
+                 datadir: str | None = None, max_batch: int = 500,
+                 concurrency: int = 64, commit_interval: float = 0.2,
+                 shutdown_timeout: float = 10.0, max_crashes: int = 3,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
                  tracer: Any = None, registry: Any = None) -> None:
-        """``registry``: a prometheus_client CollectorRegistry for the participant's metrics
-        (commands by action and outcome, step seconds); None: no metrics."""
+        """``inbox``: None (the durable ``ChangelogInbox``, its RocksDB under ``datadir``,
+        a temporary directory when None: restored from Kafka on every start), or
+        ``storage.replies`` / ``MemoryInbox()``. ``registry``: a prometheus_client
+        CollectorRegistry for the participant's metrics; None: no metrics."""
         if not service or not all(c.isalnum() or c in "._-" for c in service):
             raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
+        _positive("max_batch", max_batch)
+        _positive("concurrency", concurrency)
+        _positive("max_crashes", max_crashes)
+        _positive("max_message_bytes", max_message_bytes, minimum=1024)
+        _positive("commit_interval", commit_interval, (int, float), 0.01)
+        _positive("shutdown_timeout", shutdown_timeout, (int, float), 0)
         self.service = service
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.topic = f"{prefix}.participant.{service}"
         self.results_topic = f"{prefix}.results"
         self.dead_letters = f"{prefix}.dead-letters"
-        self.inbox: Inbox = inbox if inbox is not None else MemoryInbox()
-        self.max_batch = max_batch
-        self.commit_interval = commit_interval
+        self.inbox_topic = f"{self.topic}.inbox"
+        self.inbox = inbox
+        self.datadir = datadir
+        self.max_batch, self.concurrency = max_batch, concurrency
+        self.commit_interval, self.shutdown_timeout = commit_interval, shutdown_timeout
+        self.max_crashes, self.max_message_bytes = max_crashes, max_message_bytes
         self.tracer = tracer  # an OpenTelemetry tracer: a span per command, in the saga's trace
         self.metrics = _Metrics(registry) if registry is not None else None
-        self._done: dict[Any, int] = {}  # replied-to offsets not yet committed
-        self._next_commit = 0.0
         self.steps: dict[tuple[str, str], Step] = {}
         for saga in sagas:
             saga.validate()
@@ -70,20 +110,79 @@ class Participant:
             raise ValueError(f"none of the given sagas has a step for service {service!r}")
         self._stopping = asyncio.Event()
         self._running: dict[str, asyncio.Future[bytes]] = {}  # command id -> its reply
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._by_tp: dict[Any, set[asyncio.Task[None]]] = {}
+        self._chains: dict[Any, asyncio.Task[None]] = {}  # (saga, step) -> its last task
+        self._pending: dict[Any, set[int]] = {}  # partition -> offsets not yet answered
+        self._fetched: dict[Any, int] = {}  # partition -> offset after the last one fetched
+        self._committed: dict[Any, int] = {}
+        self._changelog: ChangelogInbox | None = None
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._fatal: str | None = None
+        self._loop_state: str | None = None  # None: not started; "running"; or why not
+        self._assigned = False
         self.consumer: Any = None
         self.producer: Any = None
 
-    async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    # -- health
 
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                         enable_idempotence=True, linger_ms=0)
+    def live(self) -> bool:
+        sender = getattr(getattr(self.producer, "_sender", None), "_sender_task", None)
+        return (self._fatal is None and self._loop_state in (None, "running")
+                and not (sender is not None and sender.done()))
+
+    def ready(self) -> bool:
+        return self.live() and self._loop_state == "running" and self._assigned
+
+    def health(self) -> dict[str, Any]:
+        """Details for /health: why the participant is not live or not ready."""
+        return {"loop": self._loop_state or "not started", "fatal": self._fatal,
+                "assigned": self._assigned, "running": len(self._tasks)}
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+
+        participant = self
+
+        class Listener(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                await participant._revoked(list(revoked))
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                await participant._assigned_to(list(assigned))
+
+        if self.inbox is None:
+            for _ in range(120):  # the orchestrator worker creates the topics: wait for it
+                partitions = (await ensure_topics(self.bootstrap, {self.topic: 1},
+                                                  check=False, create=False)).get(self.topic)
+                if partitions is not None or self._stopping.is_set():
+                    break
+                await asyncio.sleep(0.5)
+            if partitions is None:
+                raise RuntimeError(f"topic {self.topic!r} does not exist after 60 s: start "
+                                   f"an orchestrator worker (it creates the topics) first")
+            await ensure_topics(self.bootstrap, {self.inbox_topic: partitions},
+                                configs={"cleanup.policy": "compact"})
+            datadir = self.datadir
+            if datadir is None:
+                self._tmpdir = tempfile.TemporaryDirectory(prefix=f"sagaz-{self.service}-")
+                datadir = self._tmpdir.name
+            self._changelog = ChangelogInbox(self.inbox_topic, datadir,
+                                             bootstrap=self.bootstrap)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, enable_idempotence=True, linger_ms=0,
+            max_request_size=max(1_048_576, self.max_message_bytes + 65_536))
         self.consumer = AIOKafkaConsumer(
-            self.topic, bootstrap_servers=self.bootstrap,
+            bootstrap_servers=self.bootstrap,
             group_id=f"{self.prefix}.participant.{self.service}",
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=self.max_batch)
         await self.producer.start()
+        if self._changelog is not None:
+            self._changelog.producer = self.producer
+        self.consumer.subscribe([self.topic], listener=Listener())
         await self.consumer.start()
 
     async def stop(self) -> None:
@@ -92,51 +191,150 @@ class Participant:
     async def run(self) -> None:
         """Serve commands until ``stop()``; starts and stops its own Kafka clients."""
         await self.start()
+        self._loop_state = "running"
+        committer = asyncio.create_task(self._commit_every_interval())
+        paused = False
         try:
             while not self._stopping.is_set():
-                batches = await self.consumer.getmany(timeout_ms=100,
-                                                      max_records=self.max_batch)
-                records = [r for rs in batches.values() for r in rs]
-                if records:
-                    await self.process(records)
+                full = len(self._tasks) >= self.concurrency
+                if full != paused:  # keep polling (the group needs it), fetch nothing
+                    parts = self.consumer.assignment()
+                    self.consumer.pause(*parts) if full else self.consumer.resume(*parts)
+                    paused = full
+                batches = await self.consumer.getmany(
+                    timeout_ms=100, max_records=max(1, min(
+                        self.max_batch, self.concurrency - len(self._tasks))))
+                for tp, records in batches.items():
+                    for record in records:
+                        self._spawn(tp, record)
+            self._loop_state = "stopped"
+        except BaseException as exc:
+            self._loop_state = f"stopped: {describe(exc)}"
+            raise
         finally:
+            committer.cancel()
             try:
+                await self._drain(list(self._tasks))
                 await self.commit()
             finally:
                 await self.consumer.stop()
                 await self.producer.stop()
+                if self._changelog is not None:
+                    self._changelog.close()
+                if self._tmpdir is not None:
+                    self._tmpdir.cleanup()
 
-    async def process(self, records: list[Any]) -> None:
-        replies = await asyncio.gather(*(self.handle(r) for r in records))
-        pending = [await self.producer.send(topic, value, key=key, headers=headers)
-                   for topic, key, value, headers in replies]
-        await asyncio.gather(*pending)  # every reply acknowledged before committing
-        for r in records:
-            self._done[topic_partition(r.topic, r.partition)] = r.offset + 1
-        if time.monotonic() >= self._next_commit:  # not per batch: a commit is a round trip
-            await self.commit()
+    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Let running commands finish (up to shutdown_timeout), cancel the rest."""
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+        for t in late:
+            t.cancel()
+        if late:
+            log.warning("cancelled %d commands still running after %ss (they will be "
+                        "delivered again)", len(late), self.shutdown_timeout)
+            await asyncio.wait(late)
 
-    async def commit(self) -> None:
-        if self._done:
-            done, self._done = self._done, {}
-            await self.consumer.commit(done)
-        self._next_commit = time.monotonic() + self.commit_interval
+    # -- offsets
 
-    async def handle(self, record: Any) -> tuple[str, bytes | None, bytes | None, list[Any]]:
+    async def _commit_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval)
+            try:
+                await self.commit()
+            except Exception as exc:  # a rebalance in progress: the next tick retries
+                log.warning("offset commit failed: %s", describe(exc))
+
+    async def commit(self, tps: Iterable[Any] | None = None) -> None:
+        """Commit, per partition, up to the oldest command not yet answered."""
+        offsets = {}
+        for tp in (self._fetched if tps is None else tps):
+            if tp not in self._fetched:
+                continue
+            pending = self._pending.get(tp)
+            position = min(pending) if pending else self._fetched[tp]
+            if position > self._committed.get(tp, -1):
+                offsets[tp] = position
+        if offsets:
+            await self.consumer.commit(offsets)
+            self._committed.update(offsets)
+
+    async def _revoked(self, revoked: list[Any]) -> None:
+        tasks = [t for tp in revoked for t in self._by_tp.get(tp, ())]
+        await self._drain(tasks)
         try:
-            msg = messages.decode(record.value, expect=_COMMANDS)
+            await self.commit(revoked)
+        except Exception as exc:
+            log.warning("commit on revoke failed: %s", describe(exc))
+        for tp in revoked:
+            for d in (self._pending, self._fetched, self._committed, self._by_tp):
+                d.pop(tp, None)
+        if self._changelog is not None:
+            self._changelog.revoke([tp.partition for tp in revoked])
+
+    async def _assigned_to(self, assigned: list[Any]) -> None:
+        if self._changelog is not None:
+            took = await self._changelog.assign([tp.partition for tp in assigned])
+            log.info("inbox partitions %s restored in %.3f s",
+                     sorted(tp.partition for tp in assigned), took)
+        self._assigned = True
+
+    # -- one command
+
+    def _spawn(self, tp: Any, record: Any) -> None:
+        self._pending.setdefault(tp, set()).add(record.offset)
+        self._fetched[tp] = record.offset + 1
+        try:
+            msg: dict[str, Any] | str = messages.decode(record.value, expect=_COMMANDS)
+            chain: Any = (msg["saga_id"], msg["step"])  # type: ignore[index]
         except MessageError as exc:
-            log.warning("dead-lettering %s@%s: %s", record.topic, record.offset, exc)
-            self._count("unknown", "dead_letter")
-            return (self.dead_letters, record.key, record.value, messages.dead_letter_headers(
-                str(exc), record.topic, record.partition, record.offset))
+            msg, chain = str(exc), None
+        previous = self._chains.get(chain) if chain is not None else None
+        task = asyncio.create_task(self._one(tp, record, msg, previous))
+        if chain is not None:
+            self._chains[chain] = task
+        self._tasks.add(task)
+        self._by_tp.setdefault(tp, set()).add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._by_tp.get(tp, set()).discard(t)
+            if chain is not None and self._chains.get(chain) is t:
+                del self._chains[chain]
+        task.add_done_callback(done)
+
+    async def _one(self, tp: Any, record: Any, msg: dict[str, Any] | str,
+                   previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # one step's commands run in order
+            await asyncio.wait([previous])
+        try:
+            topic, key, value, headers = await self.handle(record, msg)
+            await (await self.producer.send(topic, value, key=key, headers=headers))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not answered: the offset stays uncommitted; restart to deliver it again.
+            self._fatal = f"command {record.topic}:{record.partition}@{record.offset} " \
+                          f"not answered: {describe(exc)}"
+            log.error("%s", self._fatal)
+            return
+        pending = self._pending.get(tp)
+        if pending is not None:
+            pending.discard(record.offset)
+
+    async def handle(self, record: Any, msg: dict[str, Any] | str
+                     ) -> tuple[str, bytes | None, bytes | None, list[Any]]:
+        """The message to send for one command (``msg``: decoded, or why it is not)."""
+        if isinstance(msg, str):
+            return self._dead_letter(record, msg)
         saga_id, command_id = msg["saga_id"], msg["command_id"]
         key = saga_id.encode()
         running = self._running.get(command_id)
         if running is not None:  # the same command is being run right now: share its reply
             self._count(msg["type"], "replayed")
             return self.results_topic, key, await asyncio.shield(running), []
-        recorded = await self.inbox.get(self.service, command_id)
+        recorded, starts = await self._recorded(record.partition, command_id)
         if recorded is not None:
             self._count(msg["type"], "replayed")
             return self.results_topic, key, recorded, []
@@ -144,14 +342,25 @@ class Participant:
         self._running[command_id] = fut
         t0 = time.perf_counter()
         try:
-            if self.tracer is None:
-                reply, ok = await self.execute(msg)
+            if starts >= self.max_crashes:
+                reason = f"command {command_id} was started {starts} times without an " \
+                         f"answer (it crashes the participant); dead-lettered"
+                log.error("%s", reason)
+                dead = self._dead_letter(record, reason)
+                await (await self.producer.send(dead[0], dead[2], key=dead[1],
+                                                headers=dead[3]))
+                reply, ok = self._reply(msg, False, None, reason, False, {}), False
             else:
-                from sagaz.tracing import span_for_command
-
-                with span_for_command(self.tracer, msg):
+                if self._changelog is not None:
+                    await self._changelog.started(record.partition, command_id, starts + 1)
+                if self.tracer is None:
                     reply, ok = await self.execute(msg)
-            await self.inbox.put(self.service, command_id, reply)
+                else:
+                    from sagaz.tracing import span_for_command
+
+                    with span_for_command(self.tracer, msg):
+                        reply, ok = await self.execute(msg)
+            await self._record(record.partition, command_id, reply)
             fut.set_result(reply)
         except BaseException as exc:
             fut.set_exception(exc)
@@ -164,9 +373,43 @@ class Participant:
             self._count(msg["type"], "ok" if ok else "error")
         return self.results_topic, key, reply, []
 
+    async def _recorded(self, partition: int, command_id: str) -> tuple[bytes | None, int]:
+        if self._changelog is not None:
+            return self._changelog.get(partition, command_id)
+        assert self.inbox is not None
+        return await self.inbox.get(self.service, command_id), 0
+
+    async def _record(self, partition: int, command_id: str, reply: bytes) -> None:
+        if self._changelog is not None:
+            await self._changelog.replied(partition, command_id, reply)
+        else:
+            assert self.inbox is not None
+            await self.inbox.put(self.service, command_id, reply)
+
+    def _dead_letter(self, record: Any, reason: str) -> tuple[str, bytes | None, bytes | None,
+                                                              list[Any]]:
+        log.warning("dead-lettering %s@%s: %s", record.topic, record.offset, clip(reason, 500))
+        self._count("unknown", "dead_letter")
+        key, value = record.key, record.value
+        headers = messages.dead_letter_headers(clip(reason, MAX_ERROR_CHARS), record.topic,
+                                               record.partition, record.offset)
+        if len(key or b"") + len(value or b"") > self.max_message_bytes:
+            headers += messages.truncation_headers(value or b"")
+            key, value = (key or b"")[:1024], (value or b"")[:4096]
+        return self.dead_letters, key, value, headers
+
     def _count(self, action: str, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.commands.labels(action, outcome).inc()
+
+    def _reply(self, msg: dict[str, Any], ok: bool, result: Any, error: str | None,
+               retryable: bool, changed: dict[str, Any]) -> bytes:
+        return messages.encode("result", msg["saga_id"], msg.get("trace"),
+                               command_id=msg["command_id"],
+                               step=msg["step"], attempt=msg["attempt"], action=msg["type"],
+                               ok=ok, result=result,
+                               error=None if error is None else clip(error, MAX_ERROR_CHARS),
+                               retryable=retryable, set=changed)
 
     async def execute(self, msg: dict[str, Any]) -> tuple[bytes, bool]:
         """Run the command's step or compensation; its result message, and whether it
@@ -180,14 +423,23 @@ class Participant:
         else:
             fn = step.action if action == "run" else step.compensation_fn
             policy = step.retry if action == "run" else step.compensation_retry
+            timeout = step.timeout if action == "run" else step.compensation_timeout
             ctx = SagaContext(msg["saga_id"], msg["saga"])
             ctx.data, ctx.results = msg["data"], msg["results"]  # came as JSON: valid
             before = dict(ctx.data)
+            deadline = asyncio.timeout(timeout)
             try:
                 if fn is None:
                     raise RuntimeError(f"step {step.name!r} has no compensation")
-                result = await fn(ctx)
+                async with deadline:
+                    result = await fn(ctx)
                 ok = True
+            except TimeoutError as exc:
+                if deadline.expired():  # ours: the step was cancelled at its timeout
+                    error = f"timed out after {timeout}s"
+                    retryable = policy.retry_on_timeout
+                else:
+                    error, retryable = describe(exc), policy.retryable(exc)
             except Exception as exc:
                 error, retryable = describe(exc), policy.retryable(exc)
             if ok:
@@ -198,11 +450,14 @@ class Participant:
                 except TypeError as exc:
                     ok, result, changed = False, None, {}
                     error = f"result of step {step.name!r} is not serialisable: {exc}"
-        return messages.encode("result", msg["saga_id"], msg.get("trace"),
-                               command_id=msg["command_id"],
-                               step=msg["step"], attempt=msg["attempt"], action=action,
-                               ok=ok, result=result, error=error, retryable=retryable,
-                               set=changed), ok
+        reply = self._reply(msg, ok, result, error, retryable, changed)
+        if len(reply) > self.max_message_bytes:
+            ok = False
+            reply = self._reply(msg, False, None, f"result of step {msg['step']!r} is too "
+                                f"large: a reply of {len(reply)} bytes (max_message_bytes is "
+                                f"{self.max_message_bytes}); keep large payloads outside the "
+                                f"saga and return a reference", False, {})
+        return reply, ok
 
 
 class _Metrics:

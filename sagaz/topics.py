@@ -25,11 +25,13 @@ class TopicMismatch(RuntimeError):
 
 async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
                         replication: int = 1, check: bool = True,
-                        create: bool = True) -> dict[str, int]:
+                        create: bool = True,
+                        configs: Mapping[str, str] | None = None) -> dict[str, int]:
     """Create missing topics (unless ``create`` is false); return their partition counts.
 
     With ``check``, raise TopicMismatch naming each topic whose count differs (a missing
-    topic counts as different only when it was to be created).
+    topic counts as different only when it was to be created). ``configs`` are topic
+    configs for the topics created here (e.g. ``{"cleanup.policy": "compact"}``).
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
@@ -38,8 +40,8 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
     await admin.start()
     try:
         existing = await _partition_counts(admin, list(partitions))
-        missing = [NewTopic(name, n, replication) for name, n in partitions.items()
-                   if name not in existing and create]
+        missing = [NewTopic(name, n, replication, topic_configs=dict(configs or {}))
+                   for name, n in partitions.items() if name not in existing and create]
         if missing:
             response = await admin.create_topics(missing, timeout_ms=15000)
             for name, code, *_ in getattr(response, "topic_errors", []):
