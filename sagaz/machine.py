@@ -54,7 +54,8 @@ does), the machine waits for that confirmation before it retries or compensates,
 attempts of a step never overlap and nothing is undone while a step still runs. A remote
 participant cannot confirm, so the Kafka orchestrator abandons the attempt at once and
 ignores whatever it reports later; since that attempt may still have applied its effect,
-a step with an abandoned attempt is compensated if the saga aborts (its compensation must
+a step with an abandoned attempt is compensated if the saga aborts (so is a step whose
+result a shell refused, reported as ``StepFailed(..., applied=True)``; its compensation must
 tolerate finding nothing to undo).
 
 Timer keys are strings: ``deadline``, ``grace``, ``timeout|step|n``, ``retry|step|n``,
@@ -238,6 +239,9 @@ class StepFailed(NamedTuple):
     attempt: int
     error: str
     retryable: bool = True
+    #: the attempt did apply its effect, but its outcome cannot be kept (a Kafka shell
+    #: refusing a result too large to carry): compensated, like an abandoned attempt
+    applied: bool = False
 
 
 class StepCancelled(NamedTuple):
@@ -699,6 +703,8 @@ def _on_step_failed(plan: Plan, state: SagaState, ev: StepFailed, now: float,
     i = _current(plan, state, ev.step, ev.attempt, _RUNNING_OR_CANCELLING, False)
     if i is None:
         return False
+    if ev.applied:
+        state.steps[i].abandoned = True
     _attempt_failed(plan, state, i, ev.error, ev.retryable, now, cmds)
     return True
 

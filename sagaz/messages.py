@@ -11,7 +11,8 @@ with the saga and stamped on every command and outcome it causes.
     run         orchestrator -> participant   saga, step, attempt, command_id, data, results
     compensate  orchestrator -> participant   (same fields as run)
     result      participant -> orchestrator   command_id, step, attempt, action, ok, result,
-                                              error, retryable, set (context keys it set)
+                                              error, retryable, set (context keys it set),
+                                              applied (optional: ran, result not carried)
     timer       orchestrator -> itself        key, due
     outcome     orchestrator -> clients       saga, status, error, failed_step, data, results
 """
@@ -37,8 +38,8 @@ def clip(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` characters, saying how much was cut."""
     if len(text) <= limit:
         return text
-    note = f"... [{len(text) - limit} more characters cut]"
-    return text[:max(0, limit - len(note))] + note
+    kept = max(0, limit - len(f"... [{len(text)} more characters cut]"))
+    return text[:kept] + f"... [{len(text) - kept} more characters cut]"
 
 
 class MessageError(ValueError):

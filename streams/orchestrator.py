@@ -193,9 +193,10 @@ class Orchestrator:
         too_big = self._oversize(out)
         if too_big and isinstance(event, m.StepSucceeded):
             # The result does not fit: the step fails (retrying would return the same).
+            # Its effect happened: it is compensated if the saga aborts.
             event = m.StepFailed(event.step, event.attempt, f"result of step {event.step!r} "
                                  f"is too large: {too_big}; keep large payloads outside the "
-                                 f"saga and return a reference", False)
+                                 f"saga and return a reference", False, applied=True)
             out = self._apply(saga, plan, orjson.loads(row), event_id, event, None, None, now)
             too_big = self._oversize(out)
         if too_big:
@@ -266,7 +267,9 @@ class Orchestrator:
         if action == "run":
             if msg["ok"]:
                 return event_id, m.StepSucceeded(step, attempt), msg["result"]
-            return event_id, m.StepFailed(step, attempt, error, msg["retryable"]), None
+            # applied: the participant ran it but could not report its result (too large)
+            return event_id, m.StepFailed(step, attempt, error, msg["retryable"],
+                                          applied=msg.get("applied") is True), None
         if msg["ok"]:
             return event_id, m.CompensationSucceeded(step, attempt), None
         return event_id, m.CompensationFailed(step, attempt, error, msg["retryable"]), None
