@@ -13,6 +13,7 @@ or Redis ``Storage`` survives restarts too; ``MemoryInbox`` does not.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import OrderedDict
@@ -47,6 +48,10 @@ class MemoryInbox:
             self._replies.popitem(last=False)
 
 
+class PartitionRevoked(RuntimeError):
+    """The partition moved to another participant: its new owner answers the command."""
+
+
 class ChangelogInbox:
     """A participant's durable, Kafka-native inbox: per partition of its command topic, a
     RocksDB database (rocksdict) backed by a compacted changelog topic with the same
@@ -61,7 +66,8 @@ class ChangelogInbox:
     (which compaction then keeps in place of the start count).
 
     One owner per partition at a time (the consumer group's assignment); ``get`` reads the
-    local database only.
+    local database only, and waits while its partition is being restored (the consumer may
+    hand out a partition's records before the rebalance callback that restores it is over).
     """
 
     OFFSET_KEY = b"\x00sagaz:changelog-offset"
@@ -71,7 +77,8 @@ class ChangelogInbox:
         self.topic, self.datadir, self.bootstrap = topic, datadir, bootstrap
         self.client_options = client_options or {}
         self.producer: Any = None  # the participant's (idempotent) producer
-        self._dbs: dict[int, Any] = {}
+        self._dbs: dict[int, Any] = {}  # restored partitions
+        self._ready: dict[int, asyncio.Event] = {}  # assigned partitions: set once restored
 
     def _open(self, partition: int) -> Any:
         from rocksdict import Options, Rdict
@@ -85,11 +92,12 @@ class ChangelogInbox:
         from aiokafka import AIOKafkaConsumer
 
         t0 = time.monotonic()
-        fresh = [p for p in partitions if p not in self._dbs]
+        fresh = [p for p in partitions if p not in self._ready]
         if not fresh:
             return 0.0
         for p in fresh:
-            self._dbs[p] = self._open(p)
+            self._ready[p] = asyncio.Event()
+        dbs = {p: self._open(p) for p in fresh}
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                     **self.client_options)
         await consumer.start()
@@ -99,7 +107,7 @@ class ChangelogInbox:
             ends = await consumer.end_offsets(tps)
             todo = {}
             for tp in tps:
-                raw = self._dbs[tp.partition].get(self.OFFSET_KEY)
+                raw = dbs[tp.partition].get(self.OFFSET_KEY)
                 start = int(raw) if raw is not None else 0
                 if start < ends[tp]:
                     consumer.seek(tp, start)
@@ -107,7 +115,7 @@ class ChangelogInbox:
             while todo:
                 batches = await consumer.getmany(*todo, timeout_ms=500, max_records=5000)
                 for tp, records in batches.items():
-                    db = self._dbs[tp.partition]
+                    db = dbs[tp.partition]
                     for r in records:
                         if r.key is not None:
                             if r.value is None:
@@ -119,12 +127,23 @@ class ChangelogInbox:
                 for tp in list(todo):
                     if await consumer.position(tp) >= todo[tp]:
                         del todo[tp]
+        except BaseException:
+            for p in fresh:
+                self._ready.pop(p, None)
+                dbs[p].close()
+            raise
         finally:
             await consumer.stop()
+        self._dbs.update(dbs)
+        for p in fresh:
+            self._ready[p].set()
         return time.monotonic() - t0
 
     def revoke(self, partitions: list[int]) -> None:
         for p in partitions:
+            ready = self._ready.pop(p, None)
+            if ready is not None:
+                ready.set()  # a get() waiting for the restore finds it revoked
             db = self._dbs.pop(p, None)
             if db is not None:
                 db.close()
@@ -132,9 +151,18 @@ class ChangelogInbox:
     def close(self) -> None:
         self.revoke(list(self._dbs))
 
-    def get(self, partition: int, command_id: str) -> tuple[bytes | None, int]:
+    async def get(self, partition: int, command_id: str) -> tuple[bytes | None, int]:
         """(the recorded reply or None, how many times the command was started)."""
-        raw = self._dbs[partition].get(command_id.encode())
+        ready = self._ready.get(partition)
+        if ready is None:
+            raise PartitionRevoked(f"inbox partition {partition} of {self.topic!r} is not "
+                                   f"assigned to this participant")
+        await ready.wait()
+        db = self._dbs.get(partition)
+        if db is None:
+            raise PartitionRevoked(f"inbox partition {partition} of {self.topic!r} was "
+                                   f"revoked while it was being restored")
+        raw = db.get(command_id.encode())
         if raw is None:
             return None, 0
         if raw[:1] == b"R":

@@ -10,10 +10,10 @@ keyed by saga id, to ``{prefix}.results``.
 
 - Concurrency: up to ``concurrency`` commands run at once; commands for one step of one
   saga (its run, a retry, its compensation) run one after another, in the order they
-  arrived, while a DAG's independent steps run in parallel as the orchestrator sent them. A step runs at most its ``timeout=`` (a
-  compensation its ``compensation_timeout=``): then it is cancelled and reported failed
-  (retryable per its ``Retry.retry_on_timeout``), so one hung step does not hold back the
-  commands behind it.
+  arrived, while a DAG's independent steps run in parallel as the orchestrator sent them.
+  A step runs at most its ``timeout=`` (a compensation its ``compensation_timeout=``):
+  then it is cancelled and reported failed (retryable per its
+  ``Retry.retry_on_timeout``), so one hung step does not hold back the commands behind it.
 - Effectively once: by default the inbox is a ``ChangelogInbox`` (RocksDB backed by the
   compacted topic ``{prefix}.participant.{service}.inbox``, restored when partitions are
   assigned). Before a step runs, the inbox records that it started (acknowledged by the
@@ -49,7 +49,7 @@ from sagaz import messages
 from sagaz.context import SagaContext
 from sagaz.definition import Saga, Step
 from sagaz.errors import describe
-from sagaz.inbox import ChangelogInbox, Inbox
+from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 from sagaz.topics import ensure_topics
 
@@ -313,6 +313,10 @@ class Participant:
             await (await self.producer.send(topic, value, key=key, headers=headers))
         except asyncio.CancelledError:
             raise
+        except PartitionRevoked as exc:  # its new owner answers it
+            log.info("command %s:%s@%s left to the partition's new owner: %s", record.topic,
+                     record.partition, record.offset, exc)
+            return
         except Exception as exc:
             # Not answered: the offset stays uncommitted; restart to deliver it again.
             self._fatal = f"command {record.topic}:{record.partition}@{record.offset} " \
@@ -375,7 +379,7 @@ class Participant:
 
     async def _recorded(self, partition: int, command_id: str) -> tuple[bytes | None, int]:
         if self._changelog is not None:
-            return self._changelog.get(partition, command_id)
+            return await self._changelog.get(partition, command_id)
         assert self.inbox is not None
         return await self.inbox.get(self.service, command_id), 0
 
@@ -403,13 +407,16 @@ class Participant:
             self.metrics.commands.labels(action, outcome).inc()
 
     def _reply(self, msg: dict[str, Any], ok: bool, result: Any, error: str | None,
-               retryable: bool, changed: dict[str, Any]) -> bytes:
+               retryable: bool, changed: dict[str, Any], applied: bool = False) -> bytes:
+        """A result message; ``applied``: the step ran, but its result cannot be carried
+        (so the orchestrator compensates it if the saga aborts)."""
+        extra = {"applied": True} if applied else {}
         return messages.encode("result", msg["saga_id"], msg.get("trace"),
                                command_id=msg["command_id"],
                                step=msg["step"], attempt=msg["attempt"], action=msg["type"],
                                ok=ok, result=result,
                                error=None if error is None else clip(error, MAX_ERROR_CHARS),
-                               retryable=retryable, set=changed)
+                               retryable=retryable, set=changed, **extra)
 
     async def execute(self, msg: dict[str, Any]) -> tuple[bytes, bool]:
         """Run the command's step or compensation; its result message, and whether it
@@ -417,6 +424,7 @@ class Participant:
         action = msg["type"]
         step = self.steps.get((msg["saga"], msg["step"]))
         ok, result, error, retryable, changed = False, None, None, False, {}
+        applied = False  # ran, but its result cannot be carried
         if step is None:
             error = f"participant {self.service!r} has no step {msg['step']!r} of saga " \
                     f"{msg['saga']!r}"
@@ -448,15 +456,19 @@ class Participant:
                 try:
                     orjson.dumps([result, changed])
                 except TypeError as exc:
-                    ok, result, changed = False, None, {}
+                    ok, result, changed, applied = False, None, {}, action == "run"
                     error = f"result of step {step.name!r} is not serialisable: {exc}"
-        reply = self._reply(msg, ok, result, error, retryable, changed)
+        reply = self._reply(msg, ok, result, error, retryable, changed, applied)
+        if len(reply) > self.max_message_bytes and ok and action == "compensate":
+            # a compensation's result is not used: it succeeded, say so without it
+            reply = self._reply(msg, True, None, None, False, {})
         if len(reply) > self.max_message_bytes:
             ok = False
             reply = self._reply(msg, False, None, f"result of step {msg['step']!r} is too "
                                 f"large: a reply of {len(reply)} bytes (max_message_bytes is "
                                 f"{self.max_message_bytes}); keep large payloads outside the "
-                                f"saga and return a reference", False, {})
+                                f"saga and return a reference", False, {},
+                                applied=action == "run")
         return reply, ok
 
 
