@@ -16,6 +16,7 @@ topic of outbox events through an inbox.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -23,6 +24,9 @@ import orjson
 from sagaz.errors import describe
 from sagaz.messages import dead_letter_headers
 from sagaz.storage import Handler, Storage, check_inbox_args
+from sagaz.topics import ensure_topics
+
+log = logging.getLogger("sagaz.consumer_inbox")
 
 
 class ConsumerInbox:
@@ -53,10 +57,14 @@ class InboxConsumer:
     Records are handled one at a time, in partition order, and an offset is committed only
     after its record was handled (or dead-lettered): a crash repeats records, which the
     inbox answers from its marker. The event id and type come from the ``event-id`` and
-    ``event-type`` headers the outbox sets; the value must be JSON. A record without them,
-    or whose handler still fails after ``max_attempts`` (with backoff), goes to
-    ``dead_letter_topic`` with the reason in the ``sagaz-reason`` header and its original
-    bytes, and consumption moves on: nothing is skipped silently, nothing blocks forever.
+    ``event-type`` headers the outbox sets; the value must be JSON. A malformed record
+    (missing, empty or null headers, a value that is not JSON), or one whose handler still
+    fails after ``max_attempts`` (with backoff), goes to ``dead_letter_topic`` (created at
+    start) with the reason in the ``sagaz-reason`` header and its original bytes, and
+    consumption moves on. Infrastructure errors (the storage or the broker unreachable:
+    connection errors and time-outs, wherever they come from) are not the record's fault:
+    they are retried with backoff for as long as they last and never count as an attempt,
+    so an outage dead-letters nothing.
     """
 
     def __init__(self, storage: Storage, consumer_name: str, topics: list[str],
@@ -85,6 +93,11 @@ class InboxConsumer:
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+        counts = await ensure_topics(self.bootstrap, dict.fromkeys(self.topics, 1),
+                                     check=False, create=False)
+        await ensure_topics(self.bootstrap,
+                            {self.dead_letter_topic: max(counts.values(), default=1)},
+                            check=False)
         consumer = AIOKafkaConsumer(*self.topics, bootstrap_servers=self.bootstrap,
                                     group_id=self.group_id, enable_auto_commit=False,
                                     auto_offset_reset="earliest")
@@ -105,37 +118,101 @@ class InboxConsumer:
 
     async def _handle(self, record: Any, producer: Any) -> bool:
         """Handle (or dead-letter) one record; False if asked to stop before it was done."""
-        headers = {k: v.decode("utf-8", "replace") for k, v in record.headers or ()}
+        headers = {k: v.decode("utf-8", "replace") for k, v in record.headers or ()
+                   if isinstance(v, bytes)}
         event_id, event_type = headers.get("event-id"), headers.get("event-type")
         if not event_id or not event_type:
             return await self._dead_letter(record, producer,
-                                           "missing event-id or event-type header")
+                                           "missing, empty or null event-id or event-type "
+                                           "header")
+        if record.value is None:
+            return await self._dead_letter(record, producer, "no value (null)")
         try:
             payload = orjson.loads(record.value)
         except orjson.JSONDecodeError as exc:
             return await self._dead_letter(record, producer, f"value is not JSON: {exc}")
-        attempt = 0
+        handler = self.handler
+
+        async def handle(payload: Any, tx: Any) -> Any:
+            try:
+                return await handler(payload, tx)
+            except Exception as exc:
+                if is_infrastructure_error(exc):
+                    raise
+                raise _HandlerFailed(describe(exc)) from exc
+
+        attempt = outage = 0
         while True:
-            attempt += 1
             try:
                 await self.inbox.process_idempotent(event_id, record.topic, event_type,
-                                                    payload, self.handler)
+                                                    payload, handle)
                 self.handled += 1
                 return True
-            except Exception as exc:  # retried in place: order and no loss come first
+            except _HandlerFailed as exc:  # retried in place: order and no loss come first
+                attempt += 1
                 if attempt >= self.max_attempts:
                     return await self._dead_letter(
-                        record, producer, f"handler failed {attempt} times: {describe(exc)}")
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                        record, producer, f"handler failed {attempt} times: {exc}")
+                delay = self.backoff * 2 ** (attempt - 1)
+            except Exception as exc:  # storage unreachable: wait it out, count nothing
+                outage += 1
+                log.warning("event %s of %s:%s@%s not handled yet (attempt not counted): %s",
+                            event_id, record.topic, record.partition, record.offset,
+                            describe(exc))
+                delay = self.backoff * 2 ** min(outage - 1, 10)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), min(self.max_backoff, delay))
+                return False
+            except TimeoutError:
+                pass
+
+    async def _dead_letter(self, record: Any, producer: Any, reason: str) -> bool:
+        """Write the dead-letter copy; a broker error is retried (never counted against
+        the record) until it is acknowledged; False if asked to stop first."""
+        log.warning("dead-lettering %s:%s@%s: %s", record.topic, record.partition,
+                    record.offset, reason)
+        outage = 0
+        while True:
+            try:
+                await producer.send_and_wait(
+                    self.dead_letter_topic, record.value, key=record.key,
+                    headers=dead_letter_headers(reason, record.topic, record.partition,
+                                                record.offset))
+                self.dead_lettered += 1
+                return True
+            except Exception as exc:
+                outage += 1
+                log.warning("dead-letter copy of %s:%s@%s not written yet: %s", record.topic,
+                            record.partition, record.offset, describe(exc))
                 try:
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    await asyncio.wait_for(self._stopping.wait(), min(
+                        self.max_backoff, self.backoff * 2 ** min(outage - 1, 10)))
                     return False
                 except TimeoutError:
                     pass
 
-    async def _dead_letter(self, record: Any, producer: Any, reason: str) -> bool:
-        await producer.send_and_wait(
-            self.dead_letter_topic, record.value, key=record.key,
-            headers=dead_letter_headers(reason, record.topic, record.partition, record.offset))
-        self.dead_lettered += 1
-        return True
+
+class _HandlerFailed(Exception):
+    """The handler itself raised (not an infrastructure error): counts as an attempt."""
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says a dependency is unreachable or
+    slow: a connection error or time-out of the OS, asyncpg or redis, rather than a
+    verdict on the record."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (OSError, TimeoutError)):
+            return True
+        kind = type(e)
+        if kind.__module__.split(".")[0] in ("asyncpg", "redis") and any(
+                word in kind.__name__ for word in _INFRA_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+_INFRA_WORDS = ("Connection", "Timeout", "CannotConnect", "Interface", "Shutdown",
+                "TooManyConnections", "Busy")
