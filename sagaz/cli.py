@@ -15,6 +15,19 @@ def _bootstrap(args: argparse.Namespace) -> str:
     return args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "127.0.0.1:9092"
 
 
+def _json_arg(flag: str, raw: str) -> Any:
+    """A JSON argument, or ``@path`` for a file holding it."""
+    try:
+        if raw.startswith("@"):
+            with open(raw[1:], "rb") as f:
+                raw = f.read().decode()
+        return json.loads(raw)
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {raw[1:]!r}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"{flag} is not valid JSON: {exc}") from None
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -66,7 +79,7 @@ def cmd_participant(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from sagaz.client import SagaClient
 
-    data = json.loads(args.data)
+    data = _json_arg("--data", args.data)
 
     async def main() -> None:
         async with SagaClient(_bootstrap(args), prefix=args.prefix or "sagaz",
@@ -235,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("start", help="start a saga")
     s.add_argument("saga")
-    s.add_argument("--data", default="{}", help="JSON object: the saga's initial context")
+    s.add_argument("--data", default="{}",
+                   help="JSON object: the saga's initial context (@file: read it from a file)")
     s.add_argument("--idempotency-key")
     s.add_argument("--wait", action="store_true", help="wait for and print the outcome")
     s.add_argument("--timeout", type=float, default=60.0)

@@ -8,11 +8,19 @@
 A start with an idempotency key gets a saga id derived from (saga name, key), so starting
 twice with one key names one saga, which the orchestrator starts once. ``wait`` listens to
 the outcomes topic from the moment the client starts (``listen=True``, the default).
+
+Bounded memory: outcomes that arrive are kept for ``wait`` calls that come later, at most
+``keep_outcomes`` of them and for at most ``keep_outcomes_for`` seconds (oldest dropped
+first; a dropped outcome can still be read with ``status``); a ``wait`` that times out or
+is cancelled leaves nothing behind. A start whose data would make a message larger than
+``max_message_bytes`` (less ``ROW_HEADROOM`` for the saga's state) is refused here with
+``ValueError``, before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,7 +30,11 @@ import orjson
 
 from sagaz import messages
 from sagaz.definition import Saga
+from sagaz.messages import MAX_MESSAGE_BYTES
 from sagaz.topics import topic_partition
+
+#: Bytes of a saga row that are not its data: state, step records, inbox of event ids.
+ROW_HEADROOM = 64 * 1024
 
 _NAMESPACE = uuid.UUID("5d3c1a52-8f9e-4c59-9a36-0f9b4b1f2a77")
 
@@ -34,9 +46,18 @@ def saga_id_for(saga: str, idempotency_key: str) -> str:
 
 class SagaClient:
     def __init__(self, bootstrap: str, *, prefix: str = "sagaz", url: str | None = None,
-                 listen: bool = True, keep_outcomes: int = 100_000,
+                 listen: bool = True, keep_outcomes: int = 10_000,
+                 keep_outcomes_for: float = 600.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
                  on_outcome: Callable[[dict[str, Any]], None] | None = None) -> None:
+        for name, value, low in (("keep_outcomes", keep_outcomes, 0),
+                                 ("keep_outcomes_for", keep_outcomes_for, 0),
+                                 ("max_message_bytes", max_message_bytes, ROW_HEADROOM + 1024)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
         self.bootstrap = bootstrap
+        self.keep_outcomes_for = keep_outcomes_for
+        self.max_message_bytes = max_message_bytes
         self.prefix = prefix
         self.url = url.rstrip("/") if url else None
         self.listen = listen
@@ -45,7 +66,8 @@ class SagaClient:
         self.producer: Any = None
         self._consumer: Any = None
         self._listener: asyncio.Task[None] | None = None
-        self._outcomes: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # saga id -> (monotonic arrival, outcome), oldest first
+        self._outcomes: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
 
     async def __aenter__(self) -> SagaClient:
@@ -108,9 +130,13 @@ class SagaClient:
         sid = msg["saga_id"]
         if self.on_outcome is not None and sid not in self._outcomes:
             self.on_outcome(msg)
-        self._outcomes[sid] = msg
-        if len(self._outcomes) > self.keep_outcomes:
-            self._outcomes.popitem(last=False)
+        now = time.monotonic()
+        outcomes = self._outcomes
+        outcomes.pop(sid, None)
+        outcomes[sid] = (now, msg)
+        while outcomes and (len(outcomes) > self.keep_outcomes
+                            or next(iter(outcomes.values()))[0] < now - self.keep_outcomes_for):
+            outcomes.popitem(last=False)
         for fut in self._waiters.pop(sid, []):
             if not fut.done():
                 fut.set_result(msg)
@@ -134,8 +160,7 @@ class SagaClient:
                 raise ValueError("give saga_id or idempotency_key, not both")
             saga_id = derived
         saga_id = saga_id or uuid.uuid4().hex
-        value = messages.encode("start", saga_id, trace, saga=name, data=data or {},
-                                idempotency_key=idempotency_key)
+        value = self._start_message(saga_id, trace, name, data or {}, idempotency_key)
         await self.producer.send_and_wait(f"{self.prefix}.commands", value,
                                           key=saga_id.encode())
         return saga_id
@@ -146,13 +171,24 @@ class SagaClient:
         ids, futures = [], []
         for data in items:
             sid = uuid.uuid4().hex
-            value = messages.encode("start", sid, None, saga=name, data=data,
-                                    idempotency_key=None)
+            value = self._start_message(sid, None, name, data, None)
             futures.append(await self.producer.send(f"{self.prefix}.commands", value,
                                                     key=sid.encode()))
             ids.append(sid)
         await asyncio.gather(*futures)
         return ids
+
+    def _start_message(self, saga_id: str, trace: dict[str, str] | None, name: str,
+                       data: dict[str, Any], idempotency_key: str | None) -> bytes:
+        value = messages.encode("start", saga_id, trace, saga=name, data=data,
+                                idempotency_key=idempotency_key)
+        limit = self.max_message_bytes - ROW_HEADROOM
+        if len(value) > limit:
+            raise ValueError(f"saga data too large: the start of {name!r} is {len(value)} "
+                             f"bytes, over {limit} (max_message_bytes {self.max_message_bytes}"
+                             f" less {ROW_HEADROOM} for the saga's state); keep large "
+                             f"payloads outside the saga and pass a reference")
+        return value
 
     async def cancel(self, saga_id: str, reason: str = "cancelled by client",
                      request_id: str | None = None) -> None:
@@ -172,11 +208,21 @@ class SagaClient:
         """The outcome message of a saga (status, error, data, results)."""
         if not self.listen:
             raise RuntimeError("this client was made with listen=False")
-        if saga_id in self._outcomes:
-            return self._outcomes[saga_id]
+        kept = self._outcomes.get(saga_id)
+        if kept is not None:
+            return kept[1]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(saga_id, []).append(fut)
-        return await asyncio.wait_for(fut, timeout)
+        waiters = self._waiters.setdefault(saga_id, [])
+        waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:  # timed out or cancelled: leave nothing behind
+            if not fut.done() or fut.cancelled():
+                waiters = self._waiters.get(saga_id, [])
+                if fut in waiters:
+                    waiters.remove(fut)
+                if not waiters:
+                    self._waiters.pop(saga_id, None)
 
     # -- queries (HTTP on any worker)
 
