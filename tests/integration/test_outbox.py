@@ -391,7 +391,7 @@ async def test_outbox_to_inbox_consumer_end_to_end_effects_once_poison_dead_lett
     letters = await consume_all(kafka_bootstrap, dlq, 3)
     reasons = sorted(dict(r.headers)["sagaz-reason"].decode() for r in letters)
     assert reasons[0].startswith("handler failed 2 times: ValueError: cannot book")
-    assert reasons[1] == "missing event-id or event-type header"
+    assert reasons[1] == "missing, empty or null event-id or event-type header"
     assert reasons[2].startswith("value is not JSON")
 
     again = consumer()  # same group: offsets were committed

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -26,63 +24,9 @@ from streams import examples
 from streams.app import OrchestratorApp
 from streams.config import Settings
 from streams.demo import wait_ready
+from tests.kafka_stack import PARTITIONS, dead_letters, stack
 
 pytestmark = pytest.mark.kafka
-PARTITIONS = 4
-
-
-class Stack:
-    def __init__(self, bootstrap: str, prefix: str, datadir: str, **settings: Any) -> None:
-        self.bootstrap, self.prefix, self.datadir = bootstrap, prefix, datadir
-        self.overrides = settings
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client: SagaClient = None  # type: ignore[assignment]
-        self.oapp: OrchestratorApp = None  # type: ignore[assignment]
-
-    def settings(self) -> Settings:
-        return Settings(bootstrap=self.bootstrap, prefix=self.prefix, partitions=PARTITIONS,
-                        datadir=self.datadir, web_port=self.port, **self.overrides)
-
-
-@contextlib.asynccontextmanager
-async def stack(bootstrap: str, prefix: str, tmp_path: Any, sagas: list[Saga],
-                services: list[str], **settings: Any) -> AsyncIterator[Stack]:
-    st = Stack(bootstrap, prefix, str(tmp_path / "orchestrator"), **settings)
-    st.oapp = OrchestratorApp(st.settings(), sagas)
-    await st.oapp.start()
-    participants = [Participant(s, sagas, bootstrap=bootstrap, prefix=prefix) for s in services]
-    tasks = [asyncio.create_task(p.run()) for p in participants]
-    try:
-        async with asyncio.timeout(60):
-            while not st.oapp.ready():
-                await asyncio.sleep(0.05)
-        async with SagaClient(bootstrap, prefix=prefix, url=st.url) as client:
-            st.client = client
-            yield st
-    finally:
-        for p in participants:
-            await p.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await st.oapp.stop()
-
-
-async def dead_letters(bootstrap: str, prefix: str, expect: int,
-                       timeout: float = 20) -> list[Any]:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(f"{prefix}.dead-letters", bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", group_id=f"{prefix}-dlq-reader")
-    await consumer.start()
-    got: list[Any] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while len(got) < expect and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                got.extend(records)
-    finally:
-        await consumer.stop()
-    return got
 
 
 def orders(prefix: str, n: int, **data: Any) -> list[dict[str, Any]]:
@@ -431,7 +375,7 @@ async def test_kill_9_the_worker_with_200_sagas_in_flight(
                 worker.send_signal(signal.SIGKILL)  # mid-flight: no clean shutdown
                 worker.wait()
                 killed = time.monotonic()
-                in_flight = n - sum(1 for i in ids if i in client._outcomes)
+                in_flight = n - sum(1 for i in ids if i in client._outcomes)  # kept outcomes
                 worker = _worker(kafka_bootstrap, prefix, datadir, port, log)
                 outcomes = [await client.wait(i, timeout=120) for i in ids]
                 recovered = time.monotonic() - killed
