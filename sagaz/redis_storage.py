@@ -22,7 +22,11 @@ the outbox scripts touch keys of many aggregates):
     {p}:ob:sent, :dead    zsets of event ids (sent time / order of death)
     {p}:saga:{id}         hash: name, status, state, data, results, key (JSON fields)
     {p}:sagas             zset of saga ids by last update, for listing
-    {p}:idem:{key}        the saga id an idempotency key names (SET NX)
+    {p}:sagakey:{len(name)}:{name}:{key}
+                          the saga id an idempotency key names for saga {name}: with a TTL
+                          (the claim lease) until the run's first snapshot, then for good
+    {p}:idem:{key}        the same, as versions before the name scoping wrote it: read
+                          (and copied to the key above) when it names a run of that saga
     {p}:cinbox:{consumer}:{event id}     consumer-inbox marker with the handler's result
     {p}:inbox:{consumer}:{command id}    participant inbox reply, with a TTL
 Every outbox transition is one Lua script (atomic; Redis' clock), so an aggregate is in
@@ -38,6 +42,7 @@ from typing import Any
 import orjson
 
 from sagaz.context import SagaContext
+from sagaz.errors import SagaAlreadyRunning
 from sagaz.machine import SagaState
 from sagaz.storage import (
     Backoff,
@@ -318,26 +323,62 @@ class RedisOutbox:
         return int(await self._requeue(args=[self.prefix, *event_ids])) if event_ids else 0
 
 
+# A claim: the key's current run, else a legacy key naming a run of this saga, else ours
+# with the lease as TTL (a claim whose run died before its first snapshot expires).
+# ARGV: claim key, legacy key, saga hash prefix, name, saga id, lease ms
+_SAGA_CLAIM = """
+local owner = redis.call('GET', ARGV[1])
+if owner then return owner end
+local old = redis.call('GET', ARGV[2])
+if old and redis.call('HGET', ARGV[3] .. old, 'name') == ARGV[4] then
+  redis.call('SET', ARGV[1], old)
+  return old
+end
+redis.call('SET', ARGV[1], ARGV[5], 'PX', ARGV[6])
+return ARGV[5]
+"""
+
+# A snapshot, atomic; with a key, only while the key names this run (then for good).
+# ARGV: saga hash, sagas zset, claim key or '', saga id, score, then field/value pairs
+_SAGA_SAVE = """
+if ARGV[3] ~= '' then
+  local owner = redis.call('GET', ARGV[3])
+  if owner and owner ~= ARGV[4] then return owner end
+  if not owner or redis.call('PTTL', ARGV[3]) >= 0 then redis.call('SET', ARGV[3], ARGV[4]) end
+end
+redis.call('HSET', ARGV[1], unpack(ARGV, 6))
+redis.call('ZADD', ARGV[2], ARGV[5], ARGV[4])
+return false
+"""
+
+
 class RedisSagaStore:
-    """A snapshot is written with MULTI/EXEC, so a reader never sees half of one."""
+    """A snapshot is written by one script, so a reader never sees half of one."""
 
     keeps_live_state = False
 
     def __init__(self, redis: Any, *, prefix: str = "sagaz") -> None:
         self.redis = _client(redis)
         self.prefix = prefix
+        self._claim = self.redis.register_script(_SAGA_CLAIM)
+        self._save = self.redis.register_script(_SAGA_SAVE)
+
+    def _key(self, name: str, idempotency_key: str) -> str:
+        return f"{self.prefix}:sagakey:{len(name)}:{name}:{idempotency_key}"
 
     async def save(self, state: SagaState, context: SagaContext,
                    idempotency_key: str | None) -> None:
-        p = self.prefix
-        fields = {"name": state.name, "status": state.status.value,
-                  "state": orjson.dumps(state.to_dict()), "data": orjson.dumps(context.data),
-                  "results": orjson.dumps(context.results),
-                  "key": idempotency_key or ""}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(f"{p}:saga:{state.saga_id}", mapping=fields)
-            pipe.zadd(f"{p}:sagas", {state.saga_id: time.time()})
-            await pipe.execute()
+        p, sid = self.prefix, state.saga_id
+        fields = ["name", state.name, "status", state.status.value,
+                  "state", orjson.dumps(state.to_dict()), "data", orjson.dumps(context.data),
+                  "results", orjson.dumps(context.results), "key", idempotency_key or ""]
+        claim = "" if idempotency_key is None else self._key(state.name, idempotency_key)
+        owner = await self._save(args=[f"{p}:saga:{sid}", f"{p}:sagas", claim, sid,
+                                       time.time(), *fields])
+        if owner is not None:
+            assert idempotency_key is not None
+            raise SagaAlreadyRunning.taken_over(state.name, idempotency_key, owner.decode(),
+                                                sid)
 
     async def load(self, saga_id: str) -> SagaRecord | None:
         raw = await self.redis.hgetall(f"{self.prefix}:saga:{saga_id}")
@@ -348,12 +389,11 @@ class RedisSagaStore:
                           orjson.loads(h["data"]), orjson.loads(h["results"]),
                           h["key"].decode() or None)
 
-    async def claim(self, idempotency_key: str, saga_id: str) -> str:
-        key = f"{self.prefix}:idem:{idempotency_key}"
-        if await self.redis.set(key, saga_id, nx=True):
-            return saga_id
-        owner = await self.redis.get(key)
-        return owner.decode() if owner else saga_id
+    async def claim(self, name: str, idempotency_key: str, saga_id: str, lease: float) -> str:
+        owner = await self._claim(args=[
+            self._key(name, idempotency_key), f"{self.prefix}:idem:{idempotency_key}",
+            f"{self.prefix}:saga:", name, saga_id, max(1, round(lease * 1000))])
+        return str(owner.decode())
 
     async def list(self, *, status: str | None = None, name: str | None = None,
                    limit: int = 100) -> list[SagaRecord]:

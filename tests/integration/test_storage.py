@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from sagaz import Engine, Saga, SagaAlreadyRunning
 from sagaz.brokers import KafkaBroker, MemoryBroker
 from sagaz.consumer_inbox import ConsumerInbox
 from sagaz.memory_storage import MemoryStorage
@@ -366,3 +367,140 @@ async def test_a_repeated_settle_changes_nothing_and_own_leases_are_free_to_recl
     for _ in range(2):  # the first reply was lost; the worker settles again
         await outbox.settle("A", *outcome, Backoff(max_attempts=2, base=30, cap=30))
     assert await outbox.counts() == {"pending": 2, "sent": 2, "dead": 0}  # one attempt only
+
+
+# -- engine idempotency keys (issue 9, items 12 and 13)
+
+def _one_step_saga(name: str, ran: list[str]) -> Saga:
+    async def only(ctx: Any) -> str:
+        ran.append(f"{name}:{ctx.saga_id}")
+        return name
+
+    saga = Saga(name)
+    saga.add_step("only", only)
+    return saga
+
+
+async def test_idempotency_keys_are_scoped_by_saga_name(storage: Storage) -> None:
+    """One key given to two different sagas names two runs: `ship` with `pay`'s key is not
+    pay's result."""
+    ran: list[str] = []
+    pay, ship = _one_step_saga("pay", ran), _one_step_saga("ship", ran)
+    await Engine(storage.sagas).run(pay, saga_id="p1", idempotency_key="order-1")
+    shipped = await Engine(storage.sagas).run(ship, saga_id="s1", idempotency_key="order-1")
+    assert (shipped.name, shipped.saga_id, shipped.results) == ("ship", "s1", {"only": "ship"})
+    assert ran == ["pay:p1", "ship:s1"]
+    for saga, saga_id in ((pay, "p1"), (ship, "s1")):  # each key still names its own run
+        again = await Engine(storage.sagas).run(saga, idempotency_key="order-1")
+        assert (again.saga_id, again.name) == (saga_id, saga.name) and again.succeeded
+    assert ran == ["pay:p1", "ship:s1"]
+
+
+class StalledFirstSave:
+    """Wraps a SagaStore: the first snapshot waits for ``gate``, as if the process stalled
+    (or died) between claiming its idempotency key and saving its first snapshot."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.keeps_live_state = inner, inner.keeps_live_state
+        self.entered, self.gate, self.first = asyncio.Event(), asyncio.Event(), True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def save(self, *args: Any) -> None:
+        if self.first:
+            self.first = False
+            self.entered.set()
+            await self.gate.wait()
+        await self.inner.save(*args)
+
+
+async def test_a_claim_without_a_snapshot_is_busy_then_taken_over_after_its_lease(
+        storage: Storage) -> None:
+    ran: list[str] = []
+    saga = _one_step_saga("pay", ran)
+    stalled_store = StalledFirstSave(storage.sagas)
+    stalled = asyncio.create_task(Engine(stalled_store, claim_lease=1.0).run(
+        saga, saga_id="stalled", idempotency_key="k"))
+    await stalled_store.entered.wait()  # claimed; no snapshot yet
+    # another process (engine) meanwhile: a clear error, not a KeyError
+    with pytest.raises(SagaAlreadyRunning, match=r"key 'k' is held by run 'stalled'") as busy:
+        await Engine(storage.sagas, claim_lease=1.0).run(saga, idempotency_key="k")
+    assert (busy.value.name, busy.value.idempotency_key, busy.value.saga_id) == \
+        ("pay", "k", "stalled")
+    await asyncio.sleep(1.1)  # the lease ran out: the claim is stale and taken over
+    taken = await Engine(storage.sagas, claim_lease=1.0).run(saga, saga_id="next",
+                                                              idempotency_key="k")
+    assert taken.saga_id == "next" and taken.succeeded and ran == ["pay:next"]
+    # the stalled run wakes up: its first snapshot is refused, none of its steps runs
+    stalled_store.gate.set()
+    with pytest.raises(SagaAlreadyRunning, match="held by run 'next'"):
+        await stalled
+    assert ran == ["pay:next"]
+    again = await Engine(storage.sagas).run(saga, idempotency_key="k")
+    assert again.saga_id == "next" and again.succeeded and ran == ["pay:next"]
+
+
+async def test_racing_runs_of_one_key_in_one_engine_share_the_run(storage: Storage) -> None:
+    ran: list[str] = []
+    saga = _one_step_saga("pay", ran)
+    engine = Engine(storage.sagas)
+    results = await asyncio.gather(*(engine.run(saga, idempotency_key="k") for _ in range(5)))
+    assert len({r.saga_id for r in results}) == 1 and all(r.succeeded for r in results)
+    assert len(ran) == 1
+
+
+async def test_postgres_keys_from_before_the_name_scoping_stay_readable(
+        postgres_url: str, monkeypatch: Any) -> None:
+    """Migration 3 scopes keys by saga name; a run saved before it keeps its key."""
+    import asyncpg
+
+    from sagaz import migrations
+    from sagaz.postgres_storage import PostgresStorage, init_connection
+    from tests.conftest import fresh_pg_url
+
+    with monkeypatch.context() as patch:  # a database as version 2 left it
+        patch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:2])
+        url = await fresh_pg_url(postgres_url)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=4, init=init_connection)
+    try:
+        ran: list[str] = []
+        pay, ship = _one_step_saga("pay", ran), _one_step_saga("ship", ran)
+        old = PostgresStorage(pool).sagas
+        await Engine(old).run(pay, saga_id="s-old")
+        async with pool.acquire() as conn:  # what version 2 stored: a keyed run, a bare claim
+            await conn.execute("UPDATE sagaz_sagas SET idempotency_key = 'k' "
+                               "WHERE saga_id = 's-old'")
+            await conn.execute(
+                "INSERT INTO sagaz_sagas (saga_id, name, status, state, data, results, "
+                "idempotency_key) VALUES ('s-stale', '', 'claimed', '{}', '{}', '{}', 'k2')")
+            assert await migrations.migrate(conn) == [3]
+        assert ran == ["pay:s-old"]
+        again = await Engine(old).run(pay, idempotency_key="k")
+        assert again.saga_id == "s-old" and ran == ["pay:s-old"]
+        other = await Engine(old).run(ship, saga_id="s-new", idempotency_key="k")
+        assert other.saga_id == "s-new" and ran == ["pay:s-old", "ship:s-new"]
+        stale = await Engine(old).run(pay, saga_id="s-fresh", idempotency_key="k2")
+        assert stale.saga_id == "s-fresh"  # a nameless claim of version 2 binds nothing
+    finally:
+        await pool.close()
+
+
+async def test_redis_keys_from_before_the_name_scoping_stay_readable(redis_url: str) -> None:
+    from sagaz.redis_storage import RedisStorage
+
+    storage = RedisStorage(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    try:
+        ran: list[str] = []
+        pay, ship = _one_step_saga("pay", ran), _one_step_saga("ship", ran)
+        await Engine(storage.sagas).run(pay, saga_id="s-old")
+        p = storage.prefix  # what the previous version stored for idempotency key 'k'
+        await storage.redis.set(f"{p}:idem:k", "s-old")
+        await storage.redis.hset(f"{p}:saga:s-old", "key", "k")
+        again = await Engine(storage.sagas).run(pay, idempotency_key="k")
+        assert again.saga_id == "s-old" and ran == ["pay:s-old"]
+        other = await Engine(storage.sagas).run(ship, saga_id="s-new", idempotency_key="k")
+        assert other.saga_id == "s-new" and ran == ["pay:s-old", "ship:s-new"]
+    finally:
+        await storage.close()
+
