@@ -103,13 +103,21 @@ class PostgresOutbox:
         if in_transaction is None or not in_transaction():
             raise OutboxError("insert needs the caller's connection inside an open transaction, "
                               "so the event commits or rolls back with the business change")
-        row_id = await tx.fetchval(
-            """INSERT INTO sagaz_outbox (event_id, aggregate_id, topic, event_type, payload,
-                                         headers, available_at)
-               VALUES ($1, $2, $3, $4, $5::text::jsonb, $6,
-                       now() + $7 * interval '1 second')
-               RETURNING id""",
-            event_id, aggregate_id, topic, event_type, raw.decode(), headers, delay)
+        import asyncpg
+
+        try:
+            row_id = await tx.fetchval(
+                """INSERT INTO sagaz_outbox (event_id, aggregate_id, topic, event_type, payload,
+                                             headers, available_at)
+                   VALUES ($1, $2, $3, $4, $5::text::jsonb, $6,
+                           now() + $7 * interval '1 second')
+                   RETURNING id""",
+                event_id, aggregate_id, topic, event_type, raw.decode(), headers, delay)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "sagaz_outbox_event_id_key":
+                raise
+            # The caller's transaction is aborted now and rolls back whole on the way out.
+            raise OutboxError(f"event_id {event_id!r} is already in the outbox") from None
         return OutboxEvent(row_id, event_id, aggregate_id, topic, event_type,
                            orjson.loads(raw), headers)
 

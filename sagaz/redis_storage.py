@@ -11,6 +11,13 @@ the event is applied with the business change or not at all:
                                  event_type="OrderPaid", payload={...})
         await tx.execute()
 
+MULTI/EXEC applies the other commands when one of them fails, so nothing may fail inside
+it: ``insert`` with a caller-given ``event_id`` refuses a taken id before EXEC
+(``OutboxError``, also for the same id twice in one pipeline) and WATCHes it on the
+pipeline's connection, so a transaction that adds it meanwhile makes our EXEC fail whole
+(``WatchError``): a duplicate event id never applies the business writes without the event.
+A fresh id (uuid4) needs no check.
+
 Keys, under a configurable prefix ``{p}`` (default ``sagaz``; one Redis node, not a cluster:
 the outbox scripts touch keys of many aggregates):
     {p}:ob:ev:{event id}  hash: the event, status, attempts, due (ms), last error
@@ -250,17 +257,33 @@ class RedisOutbox:
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                      payload: Any, headers: dict[str, str] | None = None,
                      event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
+        given_id = event_id is not None  # a fresh one (a uuid4) cannot be taken
         raw, headers, event_id = prepare_event(aggregate_id, topic, event_type, payload,
                                                headers, event_id, delay)
         if not getattr(tx, "explicit_transaction", False):
             raise OutboxError("insert needs the caller's MULTI/EXEC pipeline (after "
                               "pipe.multi()), so the event is applied with the business change")
+        if given_id:
+            await self._refuse_duplicate(tx, event_id)
         # EVAL, not EVALSHA: inside MULTI a missing script would fail alone, after the
         # business writes were applied.
         tx.eval(_ADD, 0, self.prefix, event_id, aggregate_id, topic, event_type, raw,
                 orjson.dumps(headers), int(delay * 1000))
         return OutboxEvent(event_id, event_id, aggregate_id, topic, event_type,
                            orjson.loads(raw), headers)
+
+    async def _refuse_duplicate(self, tx: Any, event_id: str) -> None:
+        """Refuse a given event id that is taken, before EXEC: a command that fails inside
+        MULTI/EXEC does not undo the others, so the business writes would apply without
+        the event. The id is WATCHed on the pipeline's connection first (redis-py keeps
+        the queued commands client-side until ``execute()``), so a transaction that adds
+        it between now and our EXEC makes our EXEC fail whole (``WatchError``)."""
+        key = f"{self.prefix}:ob:ev:{event_id}"
+        await tx.immediate_execute_command("WATCH", key)  # the pipeline UNWATCHes on reset
+        queued = any(args[:2] == ("EVAL", _ADD) and args[3:5] == (self.prefix, event_id)
+                     for args, _ in getattr(tx, "command_stack", ()))
+        if queued or await tx.immediate_execute_command("EXISTS", key):
+            raise OutboxError(f"event_id {event_id!r} is already in the outbox")
 
     async def claim(self, worker_id: str, limit: int, lease: float) -> list[OutboxEvent]:
         rows = await self._claim(args=[self.prefix, worker_id, limit, int(lease * 1000)])
@@ -479,9 +502,11 @@ class RedisStorage:
             try:
                 await pipe.execute()
                 return result
-            except WatchError:  # a racing delivery committed first: its result stands
-                pass
-        return orjson.loads(await self.redis.get(key))["result"]
+            except WatchError:
+                first = await self.redis.get(key)
+                if first is None:  # another watched key changed (an outbox event id)
+                    raise
+        return orjson.loads(first)["result"]  # a racing delivery committed first: it stands
 
     async def seen(self, consumer: str, event_id: str) -> bool:
         return bool(await self.redis.exists(self._marker(consumer, event_id)))

@@ -16,6 +16,9 @@ A ``Storage`` bundles the three on one backend, so a service picks a backend onc
 ``open_storage(url)`` picks one by URL: ``postgresql://``, ``redis://``, ``memory://``.
 
 Outbox semantics every backend keeps (tested once, against all three):
+- ``insert`` with an ``event_id`` already in the outbox raises ``OutboxError`` and the
+  caller's transaction applies nothing (PostgreSQL rolls it back; Redis refuses before
+  EXEC; memory has no transaction, only the insert is refused).
 - An event is *pending* until a broker acknowledged it (*sent*) or it failed
   ``max_attempts`` times (*dead*, with its last error; it then stops blocking its aggregate).
 - Per aggregate, events go out in the order they were added. ``claim`` only hands out an

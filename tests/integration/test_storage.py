@@ -504,3 +504,66 @@ async def test_redis_keys_from_before_the_name_scoping_stay_readable(redis_url: 
     finally:
         await storage.close()
 
+
+# -- the outbox insert is all-or-nothing with the business writes (issue 9, item 14)
+
+async def test_a_duplicate_event_id_rejects_the_whole_transaction(storage: Storage) -> None:
+    """PostgreSQL rolls the transaction back; Redis refuses before EXEC (MULTI/EXEC would
+    apply the business writes around a failing command); memory has no transaction, and
+    its insert refuses the same way."""
+    is_pg, is_redis = hasattr(storage, "pool"), hasattr(storage, "redis")
+    balance_key = f"{getattr(storage, 'prefix', '')}:balance"
+
+    async def debit(tx: Any, amount: int) -> None:
+        if is_pg:
+            await tx.execute("UPDATE account SET balance = balance - $1", amount)
+        elif is_redis:
+            tx.decrby(balance_key, amount)
+
+    async def balance() -> int | None:
+        if is_pg:
+            async with storage.pool.acquire() as conn:  # type: ignore[attr-defined]
+                return int(await conn.fetchval("SELECT balance FROM account"))
+        if is_redis:
+            return int(await storage.redis.get(balance_key))  # type: ignore[attr-defined]
+        return None
+
+    if is_pg:
+        async with storage.pool.acquire() as conn:  # type: ignore[attr-defined]
+            await conn.execute("CREATE TABLE account (balance INT)")
+            await conn.execute("INSERT INTO account VALUES (100)")
+    elif is_redis:
+        await storage.redis.set(balance_key, 100)  # type: ignore[attr-defined]
+    async with transaction(storage) as tx:
+        await add(storage, tx, "acct", 1, event_id="debit-1")
+    expected = 100 if is_pg or is_redis else None
+    # a retry of the same business operation: the same event id refuses all of it
+    with pytest.raises(OutboxError, match="event_id 'debit-1' is already in the outbox"):
+        async with transaction(storage) as tx:
+            await debit(tx, 30)
+            await add(storage, tx, "acct", 2, event_id="debit-1")
+    assert await balance() == expected
+    # the same id twice in one transaction
+    with pytest.raises(OutboxError, match="event_id 'debit-2' is already in the outbox"):
+        async with transaction(storage) as tx:
+            await add(storage, tx, "acct", 3, event_id="debit-2")
+            await debit(tx, 30)
+            await add(storage, tx, "acct", 4, event_id="debit-2")
+    assert await balance() == expected
+    counts = {"pending": 1, "sent": 0, "dead": 0}
+    if not (is_pg or is_redis):
+        counts["pending"] = 2  # memory: the first debit-2 went in (no transaction to undo)
+    assert await storage.outbox.counts() == counts
+    if is_redis:
+        # a concurrent transaction adds the id between our insert and our EXEC: WATCH
+        # aborts ours whole
+        from redis.exceptions import WatchError
+
+        with pytest.raises(WatchError):
+            async with transaction(storage) as tx:
+                await add(storage, tx, "acct", 5, event_id="debit-3")
+                tx.decrby(balance_key, 30)
+                async with transaction(storage) as rival:
+                    await add(storage, rival, "acct", 6, event_id="debit-3")
+        assert await balance() == 100
+        assert await storage.outbox.counts() == {"pending": 2, "sent": 0, "dead": 0}
