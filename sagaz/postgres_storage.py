@@ -157,11 +157,15 @@ class PostgresOutbox:
                        WHERE o.id = f.id AND o.status = 'pending' AND o.lease_owner = $6""",
                     [e.id for e, _ in failed], [err for _, err in failed],
                     backoff.max_attempts, backoff.base, backoff.cap, worker_id)
-            if released:
+            # The batch's aggregates are free again, whole: leases are per row here, and
+            # rows of ours beyond this batch (a shorter claim after a batch that broke
+            # off) would otherwise keep the aggregate from other workers until they expire.
+            aggs = sorted({e.aggregate_id for e in [*sent, *released, *(e for e, _ in failed)]})
+            if aggs:
                 await conn.execute(
                     "UPDATE sagaz_outbox SET lease_owner = NULL, lease_until = NULL "
-                    "WHERE id = ANY($1::bigint[]) AND lease_owner = $2",
-                    [e.id for e in released], worker_id)
+                    "WHERE aggregate_id = ANY($1::text[]) AND status = 'pending' "
+                    "AND lease_owner = $2", aggs, worker_id)
 
     async def is_next(self, event: OutboxEvent) -> bool:
         async with self.pool.acquire() as conn:

@@ -136,8 +136,12 @@ local now = now_ms()
 for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:leased', '-inf', '(' .. now)) do
   free(agg)  -- the owner died or stalled: its events go back to whoever claims next
 end
-for _, agg in ipairs(redis.call('SMEMBERS', p .. ':ob:held:' .. worker)) do
-  free(agg)  -- ours from a batch that broke off: a worker claims one batch at a time
+-- Ours from a batch that broke off (a worker claims one batch at a time): free to this
+-- claim, as to no other; what it does not take stays ours until that lease runs out.
+local own, expiry = redis.call('SMEMBERS', p .. ':ob:held:' .. worker), {}
+for _, agg in ipairs(own) do
+  expiry[agg] = redis.call('ZSCORE', p .. ':ob:leased', agg)
+  free(agg)
 end
 local out = {}
 for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:ready', '-inf', now,
@@ -154,6 +158,15 @@ for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:ready', '-inf', now,
   if taken > 0 then
     redis.call('ZREM', p .. ':ob:ready', agg)
     redis.call('ZADD', p .. ':ob:leased', now + lease, agg)
+    redis.call('HSET', p .. ':ob:owner', agg, worker)
+    redis.call('SADD', p .. ':ob:held:' .. worker, agg)
+  end
+end
+for _, agg in ipairs(own) do
+  if redis.call('HEXISTS', p .. ':ob:owner', agg) == 0
+     and redis.call('LLEN', p .. ':ob:q:' .. agg) > 0 then
+    redis.call('ZREM', p .. ':ob:ready', agg)
+    redis.call('ZADD', p .. ':ob:leased', expiry[agg], agg)
     redis.call('HSET', p .. ':ob:owner', agg, worker)
     redis.call('SADD', p .. ':ob:held:' .. worker, agg)
   end

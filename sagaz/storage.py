@@ -29,12 +29,14 @@ Outbox semantics every backend keeps (tested once, against all three):
   once, which consumer inboxes absorb). Claiming by aggregate head, not by id window, is
   what lets several workers progress at once when aggregates interleave. A worker claims
   one batch at a time, so its own leases are free to it: a batch that broke off (the
-  storage connection dropped) is claimed again at once, not after the lease.
+  storage connection dropped) is claimed again at once, not after the lease; what the new
+  claim does not take back stays the worker's until its lease runs out.
 - ``settle`` records a batch's outcome: sent, failed (attempt counted, backoff before the
   event is due again, dead after ``max_attempts``) and released (handed back untouched:
-  events behind a failure of their aggregate). Settling twice changes nothing more (the
-  worker repeats a settle whose reply was lost): sent is sent, and a failure is counted
-  only while the worker still holds the aggregate.
+  events behind a failure of their aggregate); the batch's aggregates are then free,
+  whole, to every worker. Settling twice changes nothing more (the worker repeats a settle
+  whose reply was lost): sent is sent, and a failure is counted only while the worker
+  still holds the aggregate.
 """
 
 from __future__ import annotations

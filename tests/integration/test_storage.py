@@ -567,3 +567,21 @@ async def test_a_duplicate_event_id_rejects_the_whole_transaction(storage: Stora
                     await add(storage, rival, "acct", 6, event_id="debit-3")
         assert await balance() == 100
         assert await storage.outbox.counts() == {"pending": 2, "sent": 0, "dead": 0}
+
+
+async def test_a_broken_batch_stays_with_its_worker_and_a_settle_frees_whole_aggregates(
+        storage: Storage) -> None:
+    """What test_outbox_model checks at random, made certain: a worker that lost a claim's
+    reply claims again; what it does not take this time stays its own (others wait for the
+    lease), and settling an aggregate frees all of it."""
+    async with transaction(storage) as tx:
+        a1, a2 = await add(storage, tx, "a", 1), await add(storage, tx, "a", 2)
+        b1 = await add(storage, tx, "b", 3)
+    outbox = storage.outbox
+    assert len(await outbox.claim("A", 10, 30)) == 3  # the reply is lost: A forgets them
+    again = await outbox.claim("A", 1, 30)  # a smaller batch this time
+    assert [e.event_id for e in again] == [a1.event_id]
+    assert await outbox.claim("B", 10, 30) == []  # a and b are still A's
+    await outbox.settle("A", again, [], [], Backoff())
+    assert [e.event_id for e in await outbox.claim("B", 10, 30)] == [a2.event_id]
+    assert [e.event_id for e in await outbox.claim("A", 10, 30)] == [b1.event_id]
