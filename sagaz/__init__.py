@@ -37,6 +37,7 @@ _EXPORTS = {
     "SagaDefinitionError": "sagaz.errors",
     "SagaContextError": "sagaz.errors",
     "SagaFailed": "sagaz.errors",
+    "SagaAlreadyRunning": "sagaz.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -60,7 +61,13 @@ if TYPE_CHECKING:
     from sagaz.context import SagaContext
     from sagaz.definition import DAGSaga, Saga, Step
     from sagaz.engine import Engine
-    from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed, SagazError
+    from sagaz.errors import (
+        SagaAlreadyRunning,
+        SagaContextError,
+        SagaDefinitionError,
+        SagaFailed,
+        SagazError,
+    )
     from sagaz.machine import SagaStatus, StepStatus
     from sagaz.memory_storage import MemoryStorage
     from sagaz.outbox import OptimisticPublisher, OutboxWorker

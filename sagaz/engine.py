@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import time
 from collections import deque
@@ -23,7 +24,13 @@ from typing import Any
 from sagaz import machine as m
 from sagaz.context import SagaContext, check_serialisable
 from sagaz.definition import Saga
-from sagaz.errors import SagaContextError, SagaDefinitionError, SagaFailed, describe
+from sagaz.errors import (
+    SagaAlreadyRunning,
+    SagaContextError,
+    SagaDefinitionError,
+    SagaFailed,
+    describe,
+)
 from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
 from sagaz.store import InMemorySagaStore, SagaRecord, SagaStore
@@ -256,35 +263,81 @@ class _Run:
 
 
 class Engine:
-    """Runs sagas in this process. Holds no per-saga state besides its store."""
+    """Runs sagas in this process. Holds no per-saga state besides its store.
+
+    ``claim_lease`` (seconds, default 30) bounds how long an idempotency key claimed by a
+    run that has not saved its first snapshot keeps other runs off: normally that save
+    follows the claim at once; a run that died in between leaves a stale claim, which the
+    next run with the key takes over once the lease is out. Meanwhile ``run`` with that
+    key raises ``SagaAlreadyRunning`` in other engines (processes); in this engine it waits
+    for the run and returns its result. Make it longer than a store write can stall.
+    """
 
     def __init__(self, store: SagaStore | None = None, *,
-                 clock: Callable[[], float] = time.time, tracer: SagaTracer | None = None
-                 ) -> None:
+                 clock: Callable[[], float] = time.time, tracer: SagaTracer | None = None,
+                 claim_lease: float = 30.0) -> None:
+        if isinstance(claim_lease, bool) or not isinstance(claim_lease, (int, float)) \
+                or not math.isfinite(claim_lease) or claim_lease <= 0:
+            raise ValueError(f"claim_lease must be a finite number of seconds > 0, "
+                             f"got {claim_lease!r}")
         self.store: SagaStore = store if store is not None else InMemorySagaStore()
         self.clock = clock
         self.tracer = tracer  # sagaz.tracing.SagaTracer: spans per run and attempt
+        self.claim_lease = float(claim_lease)
         self._inflight: dict[str, _Run] = {}
+        # (saga name, key) -> the saga id its claim returned, while this engine claims it:
+        # a racing run of the same key here waits for that instead of claiming again
+        self._claiming: dict[tuple[str, str], asyncio.Future[str]] = {}
 
     async def run(self, saga: Saga, data: dict[str, Any] | None = None, *,
                   saga_id: str | None = None, idempotency_key: str | None = None,
                   raise_on_failure: bool = False) -> SagaResult:
+        """Run ``saga`` with ``data`` as its initial context.
+
+        ``idempotency_key`` makes the start idempotent per saga name: a run of this saga
+        with the same key returns that run (its result once finished, its current view if it
+        runs elsewhere) instead of starting another. See the class docstring for a run that
+        holds the key but has not saved its first snapshot (``SagaAlreadyRunning``).
+        """
         plan = _prepare(saga)
         if saga_id is None:
             saga_id = new_saga_id()
         elif not isinstance(saga_id, str) or not saga_id:
             raise ValueError(f"saga_id must be a non-empty str, got {saga_id!r}")
+        # Checked before the key is claimed: a run that cannot start must not hold its key.
+        ctx = SagaContext(saga_id, saga.name, data)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError(f"idempotency_key must be a non-empty str, "
                                  f"got {idempotency_key!r}")
-            owner = await self.store.claim(idempotency_key, saga_id)
+            owner = await self._claim(saga.name, idempotency_key, saga_id)
             if owner != saga_id:
-                return _check(await self._existing(saga, owner), raise_on_failure)
-        ctx = SagaContext(saga_id, saga.name, data)
+                return _check(await self._existing(saga, idempotency_key, owner),
+                              raise_on_failure)
         run = _Run(self, saga, plan, ctx, idempotency_key)
         state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
         return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+
+    async def _claim(self, name: str, key: str, saga_id: str) -> str:
+        scoped = (name, key)
+        pending = self._claiming.get(scoped)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        claimed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._claiming[scoped] = claimed
+        try:
+            owner = await self.store.claim(name, key, saga_id, self.claim_lease)
+        except BaseException as exc:
+            claimed.set_exception(exc)
+            claimed.exception()  # marked retrieved; the waiters re-raise it
+            raise
+        else:
+            # The waiters resume after this run registered in _inflight (no await between
+            # here and _track), so they find it there and wait for its result.
+            claimed.set_result(owner)
+        finally:
+            del self._claiming[scoped]
+        return owner
 
     async def resume(self, saga: Saga, saga_id: str, *,
                      raise_on_failure: bool = False) -> SagaResult:
@@ -347,14 +400,13 @@ class Engine:
             run.watchers = asyncio.get_running_loop().create_future()
         return await asyncio.shield(run.watchers)
 
-    async def _existing(self, saga: Saga, saga_id: str) -> SagaResult:
+    async def _existing(self, saga: Saga, key: str, saga_id: str) -> SagaResult:
         run = self._inflight.get(saga_id)
         if run is not None:
             return await self._wait(run)
         result = await self.get(saga, saga_id)
-        if result is None:
-            raise KeyError(f"idempotency key is bound to saga {saga_id!r}, which the store "
-                           f"no longer holds")
+        if result is None:  # claimed, no snapshot yet: starting elsewhere, or died there
+            raise SagaAlreadyRunning.held(saga.name, key, saga_id)
         return result
 
     async def get(self, saga: Saga, saga_id: str) -> SagaResult | None:

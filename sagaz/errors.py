@@ -34,3 +34,31 @@ class SagaFailed(SagazError):
         super().__init__(
             f"saga {result.name!r} ({result.saga_id}) ended {result.status.value}: {result.error}"
         )
+
+
+class SagaAlreadyRunning(SagazError, RuntimeError):
+    """An idempotency key of this saga is held by another run that has not saved its first
+    snapshot: it is starting right now (in another engine or process), or it died less than
+    the claim lease (``Engine(claim_lease=...)``) ago. Try again later: once the lease runs
+    out, a stale claim is taken over. Also raised to a run whose claim was taken over that
+    way, at its first snapshot, before any of its steps runs."""
+
+    def __init__(self, message: str, *, name: str, idempotency_key: str, saga_id: str) -> None:
+        super().__init__(message)
+        self.name, self.idempotency_key, self.saga_id = name, idempotency_key, saga_id
+
+    @classmethod
+    def held(cls, name: str, idempotency_key: str, saga_id: str) -> SagaAlreadyRunning:
+        """The key is held by run ``saga_id`` (for the caller that tried to claim it)."""
+        return cls(f"saga {name!r}: idempotency key {idempotency_key!r} is held by run "
+                   f"{saga_id!r}, which has not saved its first snapshot yet (it is starting, "
+                   f"or died less than the claim lease ago); try again later",
+                   name=name, idempotency_key=idempotency_key, saga_id=saga_id)
+
+    @classmethod
+    def taken_over(cls, name: str, idempotency_key: str, saga_id: str,
+                   own: str) -> SagaAlreadyRunning:
+        """Run ``own`` lost its claim (its lease ran out) to run ``saga_id``."""
+        return cls(f"saga {name!r}: run {own!r} lost idempotency key {idempotency_key!r} before "
+                   f"its first snapshot (its claim lease ran out); the key is now held by run "
+                   f"{saga_id!r}", name=name, idempotency_key=idempotency_key, saga_id=saga_id)

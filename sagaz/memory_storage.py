@@ -23,6 +23,7 @@ from sagaz.inbox import MemoryInbox
 from sagaz.storage import (
     Backoff,
     Handler,
+    OutboxError,
     OutboxEvent,
     check_inbox_args,
     prepare_event,
@@ -54,7 +55,7 @@ class MemoryOutbox:
         raw, headers, event_id = prepare_event(aggregate_id, topic, event_type, payload,
                                                headers, event_id, delay)
         if event_id in self._rows:
-            raise ValueError(f"event_id {event_id!r} is already in the outbox")
+            raise OutboxError(f"event_id {event_id!r} is already in the outbox")
         event = OutboxEvent(event_id, event_id, aggregate_id, topic, event_type,
                             orjson.loads(raw), headers)
         self._rows[event_id] = _Row(event, next(self._seq), self.clock() + delay)

@@ -58,6 +58,15 @@ CREATE INDEX sagaz_sagas_status ON sagaz_sagas (status, updated_at);
     (2, "dead outbox events: a partial index for listing and counting them", """
 CREATE INDEX sagaz_outbox_dead ON sagaz_outbox (id) WHERE status = 'dead';
 """),
+    # Runs of different sagas may share a key (an order id): a key names one run per saga.
+    # Claims of version 2 carried no saga name ('' until the first snapshot filled it in);
+    # a claim still nameless never got its snapshot, and nothing could find it now.
+    (3, "engine idempotency keys scoped by saga name", """
+DELETE FROM sagaz_sagas WHERE status = 'claimed' AND name = '';
+ALTER TABLE sagaz_sagas DROP CONSTRAINT sagaz_sagas_idempotency_key_key;
+ALTER TABLE sagaz_sagas ADD CONSTRAINT sagaz_sagas_name_idempotency_key_key
+    UNIQUE (name, idempotency_key);
+"""),
 ]
 
 _LOCK = 0x5A6A2  # pg_advisory_lock key for migrations

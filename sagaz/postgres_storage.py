@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from sagaz.context import SagaContext
+from sagaz.errors import SagaAlreadyRunning
 from sagaz.machine import SagaState
 from sagaz.storage import (
     Backoff,
@@ -102,13 +103,21 @@ class PostgresOutbox:
         if in_transaction is None or not in_transaction():
             raise OutboxError("insert needs the caller's connection inside an open transaction, "
                               "so the event commits or rolls back with the business change")
-        row_id = await tx.fetchval(
-            """INSERT INTO sagaz_outbox (event_id, aggregate_id, topic, event_type, payload,
-                                         headers, available_at)
-               VALUES ($1, $2, $3, $4, $5::text::jsonb, $6,
-                       now() + $7 * interval '1 second')
-               RETURNING id""",
-            event_id, aggregate_id, topic, event_type, raw.decode(), headers, delay)
+        import asyncpg
+
+        try:
+            row_id = await tx.fetchval(
+                """INSERT INTO sagaz_outbox (event_id, aggregate_id, topic, event_type, payload,
+                                             headers, available_at)
+                   VALUES ($1, $2, $3, $4, $5::text::jsonb, $6,
+                           now() + $7 * interval '1 second')
+                   RETURNING id""",
+                event_id, aggregate_id, topic, event_type, raw.decode(), headers, delay)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "sagaz_outbox_event_id_key":
+                raise
+            # The caller's transaction is aborted now and rolls back whole on the way out.
+            raise OutboxError(f"event_id {event_id!r} is already in the outbox") from None
         return OutboxEvent(row_id, event_id, aggregate_id, topic, event_type,
                            orjson.loads(raw), headers)
 
@@ -148,11 +157,15 @@ class PostgresOutbox:
                        WHERE o.id = f.id AND o.status = 'pending' AND o.lease_owner = $6""",
                     [e.id for e, _ in failed], [err for _, err in failed],
                     backoff.max_attempts, backoff.base, backoff.cap, worker_id)
-            if released:
+            # The batch's aggregates are free again, whole: leases are per row here, and
+            # rows of ours beyond this batch (a shorter claim after a batch that broke
+            # off) would otherwise keep the aggregate from other workers until they expire.
+            aggs = sorted({e.aggregate_id for e in [*sent, *released, *(e for e, _ in failed)]})
+            if aggs:
                 await conn.execute(
                     "UPDATE sagaz_outbox SET lease_owner = NULL, lease_until = NULL "
-                    "WHERE id = ANY($1::bigint[]) AND lease_owner = $2",
-                    [e.id for e in released], worker_id)
+                    "WHERE aggregate_id = ANY($1::text[]) AND status = 'pending' "
+                    "AND lease_owner = $2", aggs, worker_id)
 
     async def is_next(self, event: OutboxEvent) -> bool:
         async with self.pool.acquire() as conn:
@@ -201,7 +214,13 @@ class PostgresOutbox:
 
 
 class PostgresSagaStore:
-    """Saved after every applied transition, before its commands run (write-ahead)."""
+    """Saved after every applied transition, before its commands run (write-ahead).
+
+    A claim is a row with status 'claimed' (unique per saga name and key) whose
+    ``updated_at`` starts its lease; the first save turns it into the run's snapshot. A
+    claim taken over gets the new run's id, so the old run's first save would insert a
+    second row for the same (name, key): the unique constraint refuses it.
+    """
 
     keeps_live_state = False
 
@@ -210,15 +229,27 @@ class PostgresSagaStore:
 
     async def save(self, state: SagaState, context: SagaContext,
                    idempotency_key: str | None) -> None:
+        import asyncpg
+
         async with self.pool.acquire() as conn:
-            await conn.execute(
-                """INSERT INTO sagaz_sagas (saga_id, name, status, state, data, results,
-                                            idempotency_key, updated_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, now())
-                   ON CONFLICT (saga_id) DO UPDATE SET name = $2, status = $3, state = $4,
-                       data = $5, results = $6, updated_at = now()""",
-                state.saga_id, state.name, state.status.value, state.to_dict(), context.data,
-                context.results, idempotency_key)
+            try:
+                await conn.execute(
+                    """INSERT INTO sagaz_sagas (saga_id, name, status, state, data, results,
+                                                idempotency_key, updated_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+                       ON CONFLICT (saga_id) DO UPDATE SET name = $2, status = $3, state = $4,
+                           data = $5, results = $6, updated_at = now()""",
+                    state.saga_id, state.name, state.status.value, state.to_dict(),
+                    context.data, context.results, idempotency_key)
+            except asyncpg.UniqueViolationError as exc:
+                if idempotency_key is None or \
+                        exc.constraint_name != "sagaz_sagas_name_idempotency_key_key":
+                    raise
+                owner = await conn.fetchval(
+                    "SELECT saga_id FROM sagaz_sagas WHERE name = $1 AND idempotency_key = $2",
+                    state.name, idempotency_key)
+                raise SagaAlreadyRunning.taken_over(state.name, idempotency_key, str(owner),
+                                                    state.saga_id) from None
 
     async def load(self, saga_id: str) -> SagaRecord | None:
         async with self.pool.acquire() as conn:
@@ -226,18 +257,25 @@ class PostgresSagaStore:
                                       "AND status <> 'claimed'", saga_id)
         return None if row is None else _record(row)
 
-    async def claim(self, idempotency_key: str, saga_id: str) -> str:
-        # A placeholder row reserves the key; save() fills it in.
+    async def claim(self, name: str, idempotency_key: str, saga_id: str, lease: float) -> str:
+        # A placeholder row reserves the key; save() fills it in. A placeholder older than
+        # its lease is taken over (a concurrent taker waits on the row lock, then sees it
+        # fresh and leaves it).
         async with self.pool.acquire() as conn:
             owner = await conn.fetchval(
                 """INSERT INTO sagaz_sagas (saga_id, name, status, state, data, results,
-                                            idempotency_key)
-                   VALUES ($2, '', 'claimed', '{}', '{}', '{}', $1)
-                   ON CONFLICT (idempotency_key) DO NOTHING RETURNING saga_id""",
-                idempotency_key, saga_id)
+                                            idempotency_key, updated_at)
+                   VALUES ($3, $1, 'claimed', '{}', '{}', '{}', $2, now())
+                   ON CONFLICT (name, idempotency_key) DO UPDATE
+                       SET saga_id = EXCLUDED.saga_id, updated_at = now()
+                       WHERE sagaz_sagas.status = 'claimed'
+                         AND sagaz_sagas.updated_at < now() - $4 * interval '1 second'
+                   RETURNING saga_id""",
+                name, idempotency_key, saga_id, lease)
             if owner is None:
-                owner = await conn.fetchval("SELECT saga_id FROM sagaz_sagas "
-                                            "WHERE idempotency_key = $1", idempotency_key)
+                owner = await conn.fetchval(
+                    "SELECT saga_id FROM sagaz_sagas WHERE name = $1 AND idempotency_key = $2",
+                    name, idempotency_key)
         return str(owner)
 
     async def list(self, *, status: str | None = None, name: str | None = None,

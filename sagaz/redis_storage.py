@@ -11,6 +11,13 @@ the event is applied with the business change or not at all:
                                  event_type="OrderPaid", payload={...})
         await tx.execute()
 
+MULTI/EXEC applies the other commands when one of them fails, so nothing may fail inside
+it: ``insert`` with a caller-given ``event_id`` refuses a taken id before EXEC
+(``OutboxError``, also for the same id twice in one pipeline) and WATCHes it on the
+pipeline's connection, so a transaction that adds it meanwhile makes our EXEC fail whole
+(``WatchError``): a duplicate event id never applies the business writes without the event.
+A fresh id (uuid4) needs no check.
+
 Keys, under a configurable prefix ``{p}`` (default ``sagaz``; one Redis node, not a cluster:
 the outbox scripts touch keys of many aggregates):
     {p}:ob:ev:{event id}  hash: the event, status, attempts, due (ms), last error
@@ -22,7 +29,11 @@ the outbox scripts touch keys of many aggregates):
     {p}:ob:sent, :dead    zsets of event ids (sent time / order of death)
     {p}:saga:{id}         hash: name, status, state, data, results, key (JSON fields)
     {p}:sagas             zset of saga ids by last update, for listing
-    {p}:idem:{key}        the saga id an idempotency key names (SET NX)
+    {p}:sagakey:{len(name)}:{name}:{key}
+                          the saga id an idempotency key names for saga {name}: with a TTL
+                          (the claim lease) until the run's first snapshot, then for good
+    {p}:idem:{key}        the same, as versions before the name scoping wrote it: read
+                          (and copied to the key above) when it names a run of that saga
     {p}:cinbox:{consumer}:{event id}     consumer-inbox marker with the handler's result
     {p}:inbox:{consumer}:{command id}    participant inbox reply, with a TTL
 Every outbox transition is one Lua script (atomic; Redis' clock), so an aggregate is in
@@ -38,6 +49,7 @@ from typing import Any
 import orjson
 
 from sagaz.context import SagaContext
+from sagaz.errors import SagaAlreadyRunning
 from sagaz.machine import SagaState
 from sagaz.storage import (
     Backoff,
@@ -124,8 +136,12 @@ local now = now_ms()
 for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:leased', '-inf', '(' .. now)) do
   free(agg)  -- the owner died or stalled: its events go back to whoever claims next
 end
-for _, agg in ipairs(redis.call('SMEMBERS', p .. ':ob:held:' .. worker)) do
-  free(agg)  -- ours from a batch that broke off: a worker claims one batch at a time
+-- Ours from a batch that broke off (a worker claims one batch at a time): free to this
+-- claim, as to no other; what it does not take stays ours until that lease runs out.
+local own, expiry = redis.call('SMEMBERS', p .. ':ob:held:' .. worker), {}
+for _, agg in ipairs(own) do
+  expiry[agg] = redis.call('ZSCORE', p .. ':ob:leased', agg)
+  free(agg)
 end
 local out = {}
 for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:ready', '-inf', now,
@@ -142,6 +158,15 @@ for _, agg in ipairs(redis.call('ZRANGEBYSCORE', p .. ':ob:ready', '-inf', now,
   if taken > 0 then
     redis.call('ZREM', p .. ':ob:ready', agg)
     redis.call('ZADD', p .. ':ob:leased', now + lease, agg)
+    redis.call('HSET', p .. ':ob:owner', agg, worker)
+    redis.call('SADD', p .. ':ob:held:' .. worker, agg)
+  end
+end
+for _, agg in ipairs(own) do
+  if redis.call('HEXISTS', p .. ':ob:owner', agg) == 0
+     and redis.call('LLEN', p .. ':ob:q:' .. agg) > 0 then
+    redis.call('ZREM', p .. ':ob:ready', agg)
+    redis.call('ZADD', p .. ':ob:leased', expiry[agg], agg)
     redis.call('HSET', p .. ':ob:owner', agg, worker)
     redis.call('SADD', p .. ':ob:held:' .. worker, agg)
   end
@@ -245,17 +270,33 @@ class RedisOutbox:
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                      payload: Any, headers: dict[str, str] | None = None,
                      event_id: str | None = None, delay: float = 0.0) -> OutboxEvent:
+        given_id = event_id is not None  # a fresh one (a uuid4) cannot be taken
         raw, headers, event_id = prepare_event(aggregate_id, topic, event_type, payload,
                                                headers, event_id, delay)
         if not getattr(tx, "explicit_transaction", False):
             raise OutboxError("insert needs the caller's MULTI/EXEC pipeline (after "
                               "pipe.multi()), so the event is applied with the business change")
+        if given_id:
+            await self._refuse_duplicate(tx, event_id)
         # EVAL, not EVALSHA: inside MULTI a missing script would fail alone, after the
         # business writes were applied.
         tx.eval(_ADD, 0, self.prefix, event_id, aggregate_id, topic, event_type, raw,
                 orjson.dumps(headers), int(delay * 1000))
         return OutboxEvent(event_id, event_id, aggregate_id, topic, event_type,
                            orjson.loads(raw), headers)
+
+    async def _refuse_duplicate(self, tx: Any, event_id: str) -> None:
+        """Refuse a given event id that is taken, before EXEC: a command that fails inside
+        MULTI/EXEC does not undo the others, so the business writes would apply without
+        the event. The id is WATCHed on the pipeline's connection first (redis-py keeps
+        the queued commands client-side until ``execute()``), so a transaction that adds
+        it between now and our EXEC makes our EXEC fail whole (``WatchError``)."""
+        key = f"{self.prefix}:ob:ev:{event_id}"
+        await tx.immediate_execute_command("WATCH", key)  # the pipeline UNWATCHes on reset
+        queued = any(args[:2] == ("EVAL", _ADD) and args[3:5] == (self.prefix, event_id)
+                     for args, _ in getattr(tx, "command_stack", ()))
+        if queued or await tx.immediate_execute_command("EXISTS", key):
+            raise OutboxError(f"event_id {event_id!r} is already in the outbox")
 
     async def claim(self, worker_id: str, limit: int, lease: float) -> list[OutboxEvent]:
         rows = await self._claim(args=[self.prefix, worker_id, limit, int(lease * 1000)])
@@ -318,26 +359,62 @@ class RedisOutbox:
         return int(await self._requeue(args=[self.prefix, *event_ids])) if event_ids else 0
 
 
+# A claim: the key's current run, else a legacy key naming a run of this saga, else ours
+# with the lease as TTL (a claim whose run died before its first snapshot expires).
+# ARGV: claim key, legacy key, saga hash prefix, name, saga id, lease ms
+_SAGA_CLAIM = """
+local owner = redis.call('GET', ARGV[1])
+if owner then return owner end
+local old = redis.call('GET', ARGV[2])
+if old and redis.call('HGET', ARGV[3] .. old, 'name') == ARGV[4] then
+  redis.call('SET', ARGV[1], old)
+  return old
+end
+redis.call('SET', ARGV[1], ARGV[5], 'PX', ARGV[6])
+return ARGV[5]
+"""
+
+# A snapshot, atomic; with a key, only while the key names this run (then for good).
+# ARGV: saga hash, sagas zset, claim key or '', saga id, score, then field/value pairs
+_SAGA_SAVE = """
+if ARGV[3] ~= '' then
+  local owner = redis.call('GET', ARGV[3])
+  if owner and owner ~= ARGV[4] then return owner end
+  if not owner or redis.call('PTTL', ARGV[3]) >= 0 then redis.call('SET', ARGV[3], ARGV[4]) end
+end
+redis.call('HSET', ARGV[1], unpack(ARGV, 6))
+redis.call('ZADD', ARGV[2], ARGV[5], ARGV[4])
+return false
+"""
+
+
 class RedisSagaStore:
-    """A snapshot is written with MULTI/EXEC, so a reader never sees half of one."""
+    """A snapshot is written by one script, so a reader never sees half of one."""
 
     keeps_live_state = False
 
     def __init__(self, redis: Any, *, prefix: str = "sagaz") -> None:
         self.redis = _client(redis)
         self.prefix = prefix
+        self._claim = self.redis.register_script(_SAGA_CLAIM)
+        self._save = self.redis.register_script(_SAGA_SAVE)
+
+    def _key(self, name: str, idempotency_key: str) -> str:
+        return f"{self.prefix}:sagakey:{len(name)}:{name}:{idempotency_key}"
 
     async def save(self, state: SagaState, context: SagaContext,
                    idempotency_key: str | None) -> None:
-        p = self.prefix
-        fields = {"name": state.name, "status": state.status.value,
-                  "state": orjson.dumps(state.to_dict()), "data": orjson.dumps(context.data),
-                  "results": orjson.dumps(context.results),
-                  "key": idempotency_key or ""}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(f"{p}:saga:{state.saga_id}", mapping=fields)
-            pipe.zadd(f"{p}:sagas", {state.saga_id: time.time()})
-            await pipe.execute()
+        p, sid = self.prefix, state.saga_id
+        fields = ["name", state.name, "status", state.status.value,
+                  "state", orjson.dumps(state.to_dict()), "data", orjson.dumps(context.data),
+                  "results", orjson.dumps(context.results), "key", idempotency_key or ""]
+        claim = "" if idempotency_key is None else self._key(state.name, idempotency_key)
+        owner = await self._save(args=[f"{p}:saga:{sid}", f"{p}:sagas", claim, sid,
+                                       time.time(), *fields])
+        if owner is not None:
+            assert idempotency_key is not None
+            raise SagaAlreadyRunning.taken_over(state.name, idempotency_key, owner.decode(),
+                                                sid)
 
     async def load(self, saga_id: str) -> SagaRecord | None:
         raw = await self.redis.hgetall(f"{self.prefix}:saga:{saga_id}")
@@ -348,12 +425,11 @@ class RedisSagaStore:
                           orjson.loads(h["data"]), orjson.loads(h["results"]),
                           h["key"].decode() or None)
 
-    async def claim(self, idempotency_key: str, saga_id: str) -> str:
-        key = f"{self.prefix}:idem:{idempotency_key}"
-        if await self.redis.set(key, saga_id, nx=True):
-            return saga_id
-        owner = await self.redis.get(key)
-        return owner.decode() if owner else saga_id
+    async def claim(self, name: str, idempotency_key: str, saga_id: str, lease: float) -> str:
+        owner = await self._claim(args=[
+            self._key(name, idempotency_key), f"{self.prefix}:idem:{idempotency_key}",
+            f"{self.prefix}:saga:", name, saga_id, max(1, round(lease * 1000))])
+        return str(owner.decode())
 
     async def list(self, *, status: str | None = None, name: str | None = None,
                    limit: int = 100) -> list[SagaRecord]:
@@ -439,9 +515,11 @@ class RedisStorage:
             try:
                 await pipe.execute()
                 return result
-            except WatchError:  # a racing delivery committed first: its result stands
-                pass
-        return orjson.loads(await self.redis.get(key))["result"]
+            except WatchError:
+                first = await self.redis.get(key)
+                if first is None:  # another watched key changed (an outbox event id)
+                    raise
+        return orjson.loads(first)["result"]  # a racing delivery committed first: it stands
 
     async def seen(self, consumer: str, event_id: str) -> bool:
         return bool(await self.redis.exists(self._marker(consumer, event_id)))

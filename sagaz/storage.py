@@ -16,6 +16,9 @@ A ``Storage`` bundles the three on one backend, so a service picks a backend onc
 ``open_storage(url)`` picks one by URL: ``postgresql://``, ``redis://``, ``memory://``.
 
 Outbox semantics every backend keeps (tested once, against all three):
+- ``insert`` with an ``event_id`` already in the outbox raises ``OutboxError`` and the
+  caller's transaction applies nothing (PostgreSQL rolls it back; Redis refuses before
+  EXEC; memory has no transaction, only the insert is refused).
 - An event is *pending* until a broker acknowledged it (*sent*) or it failed
   ``max_attempts`` times (*dead*, with its last error; it then stops blocking its aggregate).
 - Per aggregate, events go out in the order they were added. ``claim`` only hands out an
@@ -26,12 +29,14 @@ Outbox semantics every backend keeps (tested once, against all three):
   once, which consumer inboxes absorb). Claiming by aggregate head, not by id window, is
   what lets several workers progress at once when aggregates interleave. A worker claims
   one batch at a time, so its own leases are free to it: a batch that broke off (the
-  storage connection dropped) is claimed again at once, not after the lease.
+  storage connection dropped) is claimed again at once, not after the lease; what the new
+  claim does not take back stays the worker's until its lease runs out.
 - ``settle`` records a batch's outcome: sent, failed (attempt counted, backoff before the
   event is due again, dead after ``max_attempts``) and released (handed back untouched:
-  events behind a failure of their aggregate). Settling twice changes nothing more (the
-  worker repeats a settle whose reply was lost): sent is sent, and a failure is counted
-  only while the worker still holds the aggregate.
+  events behind a failure of their aggregate); the batch's aggregates are then free,
+  whole, to every worker. Settling twice changes nothing more (the worker repeats a settle
+  whose reply was lost): sent is sent, and a failure is counted only while the worker
+  still holds the aggregate.
 """
 
 from __future__ import annotations

@@ -5,15 +5,26 @@ commands of that transition are carried out (write-ahead): a run that crashes ca
 from the last saved state, and every step it was running is issued again under the same
 command id. The in-memory store keeps live references (cheap; gone with the process);
 durable stores serialise what they are given.
+
+Idempotency keys are scoped by saga name: ``claim(name, key, saga_id, lease)`` binds the
+pair (name, key) to one run, so two sagas given the same key (an order id, say) run apart.
+A claim is a lease until the run's first snapshot: a process that dies between the claim
+and that save would otherwise hold the key for ever with nothing behind it. While the lease
+runs, the key stays with the claimer (the engine tells other callers ``SagaAlreadyRunning``);
+after it, the next claim takes the key over. The first ``save`` of a keyed run checks that
+the key is still its own and makes the binding permanent, so a run whose claim was taken
+over stops there (``SagaAlreadyRunning``) before any step runs: one run per key, always.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sagaz.context import SagaContext
+from sagaz.errors import SagaAlreadyRunning
 from sagaz.machine import SagaState
 
 
@@ -39,12 +50,17 @@ class SagaStore(Protocol):
     keeps_live_state: bool
 
     async def save(self, state: SagaState, context: SagaContext,
-                   idempotency_key: str | None) -> None: ...
+                   idempotency_key: str | None) -> None:
+        """Write a snapshot. With a key, first check that (state.name, key) is bound to this
+        run (``SagaAlreadyRunning`` if another run took it over) and bind it for good."""
+        ...
 
     async def load(self, saga_id: str) -> SagaRecord | None: ...
 
-    async def claim(self, idempotency_key: str, saga_id: str) -> str:
-        """Bind the key to saga_id unless it is bound already; return the bound saga id."""
+    async def claim(self, name: str, idempotency_key: str, saga_id: str, lease: float) -> str:
+        """Bind (name, key) to saga_id for ``lease`` seconds (until its first save) unless it
+        is bound already to a saved run or to a claim younger than its lease; return the
+        saga id it is bound to."""
         ...
 
     async def list(self, *, status: str | None = None, name: str | None = None,
@@ -62,19 +78,27 @@ class InMemorySagaStore:
         self.max_finished = max_finished
         self._runs: dict[str, tuple[SagaState, SagaContext, str | None]] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
-        self._keys: dict[str, str] = {}
+        # (name, key) -> (saga id, monotonic expiry of the claim; None once saved)
+        self._keys: dict[tuple[str, str], tuple[str, float | None]] = {}
 
     async def save(self, state: SagaState, context: SagaContext,
                    idempotency_key: str | None) -> None:
         sid = state.saga_id
+        if idempotency_key is not None:
+            scoped = (state.name, idempotency_key)
+            bound = self._keys.get(scoped)
+            if bound is not None and bound[0] != sid:
+                raise SagaAlreadyRunning.taken_over(state.name, idempotency_key, bound[0], sid)
+            if bound is None or bound[1] is not None:
+                self._keys[scoped] = (sid, None)
         self._runs[sid] = (state, context, idempotency_key)
         if state.terminal and sid not in self._finished:
             self._finished[sid] = None
             while len(self._finished) > self.max_finished:
                 old, _ = self._finished.popitem(last=False)
-                _, _, key = self._runs.pop(old)
+                old_state, _, key = self._runs.pop(old)
                 if key is not None:
-                    self._keys.pop(key, None)
+                    self._keys.pop((old_state.name, key), None)
 
     async def load(self, saga_id: str) -> SagaRecord | None:
         entry = self._runs.get(saga_id)
@@ -84,8 +108,13 @@ class InMemorySagaStore:
         return SagaRecord(saga_id, state.name, state.to_dict(), dict(ctx.data),
                           dict(ctx.results), key)
 
-    async def claim(self, idempotency_key: str, saga_id: str) -> str:
-        return self._keys.setdefault(idempotency_key, saga_id)
+    async def claim(self, name: str, idempotency_key: str, saga_id: str, lease: float) -> str:
+        now = time.monotonic()
+        bound = self._keys.get((name, idempotency_key))
+        if bound is not None and (bound[1] is None or bound[1] > now):
+            return bound[0]
+        self._keys[(name, idempotency_key)] = (saga_id, now + lease)
+        return saga_id
 
     async def list(self, *, status: str | None = None, name: str | None = None,
                    limit: int = 100) -> list[SagaRecord]:

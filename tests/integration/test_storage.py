@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from sagaz import Engine, Saga, SagaAlreadyRunning
 from sagaz.brokers import KafkaBroker, MemoryBroker
 from sagaz.consumer_inbox import ConsumerInbox
 from sagaz.memory_storage import MemoryStorage
@@ -366,3 +367,221 @@ async def test_a_repeated_settle_changes_nothing_and_own_leases_are_free_to_recl
     for _ in range(2):  # the first reply was lost; the worker settles again
         await outbox.settle("A", *outcome, Backoff(max_attempts=2, base=30, cap=30))
     assert await outbox.counts() == {"pending": 2, "sent": 2, "dead": 0}  # one attempt only
+
+
+# -- engine idempotency keys (issue 9, items 12 and 13)
+
+def _one_step_saga(name: str, ran: list[str]) -> Saga:
+    async def only(ctx: Any) -> str:
+        ran.append(f"{name}:{ctx.saga_id}")
+        return name
+
+    saga = Saga(name)
+    saga.add_step("only", only)
+    return saga
+
+
+async def test_idempotency_keys_are_scoped_by_saga_name(storage: Storage) -> None:
+    """One key given to two different sagas names two runs: `ship` with `pay`'s key is not
+    pay's result."""
+    ran: list[str] = []
+    pay, ship = _one_step_saga("pay", ran), _one_step_saga("ship", ran)
+    await Engine(storage.sagas).run(pay, saga_id="p1", idempotency_key="order-1")
+    shipped = await Engine(storage.sagas).run(ship, saga_id="s1", idempotency_key="order-1")
+    assert (shipped.name, shipped.saga_id, shipped.results) == ("ship", "s1", {"only": "ship"})
+    assert ran == ["pay:p1", "ship:s1"]
+    for saga, saga_id in ((pay, "p1"), (ship, "s1")):  # each key still names its own run
+        again = await Engine(storage.sagas).run(saga, idempotency_key="order-1")
+        assert (again.saga_id, again.name) == (saga_id, saga.name) and again.succeeded
+    assert ran == ["pay:p1", "ship:s1"]
+
+
+class StalledFirstSave:
+    """Wraps a SagaStore: the first snapshot waits for ``gate``, as if the process stalled
+    (or died) between claiming its idempotency key and saving its first snapshot."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.keeps_live_state = inner, inner.keeps_live_state
+        self.entered, self.gate, self.first = asyncio.Event(), asyncio.Event(), True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def save(self, *args: Any) -> None:
+        if self.first:
+            self.first = False
+            self.entered.set()
+            await self.gate.wait()
+        await self.inner.save(*args)
+
+
+async def test_a_claim_without_a_snapshot_is_busy_then_taken_over_after_its_lease(
+        storage: Storage) -> None:
+    ran: list[str] = []
+    saga = _one_step_saga("pay", ran)
+    stalled_store = StalledFirstSave(storage.sagas)
+    stalled = asyncio.create_task(Engine(stalled_store, claim_lease=1.0).run(
+        saga, saga_id="stalled", idempotency_key="k"))
+    await stalled_store.entered.wait()  # claimed; no snapshot yet
+    # another process (engine) meanwhile: a clear error, not a KeyError
+    with pytest.raises(SagaAlreadyRunning, match=r"key 'k' is held by run 'stalled'") as busy:
+        await Engine(storage.sagas, claim_lease=1.0).run(saga, idempotency_key="k")
+    assert (busy.value.name, busy.value.idempotency_key, busy.value.saga_id) == \
+        ("pay", "k", "stalled")
+    await asyncio.sleep(1.1)  # the lease ran out: the claim is stale and taken over
+    taken = await Engine(storage.sagas, claim_lease=1.0).run(saga, saga_id="next",
+                                                              idempotency_key="k")
+    assert taken.saga_id == "next" and taken.succeeded and ran == ["pay:next"]
+    # the stalled run wakes up: its first snapshot is refused, none of its steps runs
+    stalled_store.gate.set()
+    with pytest.raises(SagaAlreadyRunning, match="held by run 'next'"):
+        await stalled
+    assert ran == ["pay:next"]
+    again = await Engine(storage.sagas).run(saga, idempotency_key="k")
+    assert again.saga_id == "next" and again.succeeded and ran == ["pay:next"]
+
+
+async def test_racing_runs_of_one_key_in_one_engine_share_the_run(storage: Storage) -> None:
+    ran: list[str] = []
+    saga = _one_step_saga("pay", ran)
+    engine = Engine(storage.sagas)
+    results = await asyncio.gather(*(engine.run(saga, idempotency_key="k") for _ in range(5)))
+    assert len({r.saga_id for r in results}) == 1 and all(r.succeeded for r in results)
+    assert len(ran) == 1
+
+
+async def test_postgres_keys_from_before_the_name_scoping_stay_readable(
+        postgres_url: str, monkeypatch: Any) -> None:
+    """Migration 3 scopes keys by saga name; a run saved before it keeps its key."""
+    import asyncpg
+
+    from sagaz import migrations
+    from sagaz.postgres_storage import PostgresStorage, init_connection
+    from tests.conftest import fresh_pg_url
+
+    with monkeypatch.context() as patch:  # a database as version 2 left it
+        patch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:2])
+        url = await fresh_pg_url(postgres_url)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=4, init=init_connection)
+    try:
+        ran: list[str] = []
+        pay, ship = _one_step_saga("pay", ran), _one_step_saga("ship", ran)
+        old = PostgresStorage(pool).sagas
+        await Engine(old).run(pay, saga_id="s-old")
+        async with pool.acquire() as conn:  # what version 2 stored: a keyed run, a bare claim
+            await conn.execute("UPDATE sagaz_sagas SET idempotency_key = 'k' "
+                               "WHERE saga_id = 's-old'")
+            await conn.execute(
+                "INSERT INTO sagaz_sagas (saga_id, name, status, state, data, results, "
+                "idempotency_key) VALUES ('s-stale', '', 'claimed', '{}', '{}', '{}', 'k2')")
+            assert await migrations.migrate(conn) == [3]
+        assert ran == ["pay:s-old"]
+        again = await Engine(old).run(pay, idempotency_key="k")
+        assert again.saga_id == "s-old" and ran == ["pay:s-old"]
+        other = await Engine(old).run(ship, saga_id="s-new", idempotency_key="k")
+        assert other.saga_id == "s-new" and ran == ["pay:s-old", "ship:s-new"]
+        stale = await Engine(old).run(pay, saga_id="s-fresh", idempotency_key="k2")
+        assert stale.saga_id == "s-fresh"  # a nameless claim of version 2 binds nothing
+    finally:
+        await pool.close()
+
+
+async def test_redis_keys_from_before_the_name_scoping_stay_readable(redis_url: str) -> None:
+    from sagaz.redis_storage import RedisStorage
+
+    storage = RedisStorage(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    try:
+        ran: list[str] = []
+        pay, ship = _one_step_saga("pay", ran), _one_step_saga("ship", ran)
+        await Engine(storage.sagas).run(pay, saga_id="s-old")
+        p = storage.prefix  # what the previous version stored for idempotency key 'k'
+        await storage.redis.set(f"{p}:idem:k", "s-old")
+        await storage.redis.hset(f"{p}:saga:s-old", "key", "k")
+        again = await Engine(storage.sagas).run(pay, idempotency_key="k")
+        assert again.saga_id == "s-old" and ran == ["pay:s-old"]
+        other = await Engine(storage.sagas).run(ship, saga_id="s-new", idempotency_key="k")
+        assert other.saga_id == "s-new" and ran == ["pay:s-old", "ship:s-new"]
+    finally:
+        await storage.close()
+
+
+# -- the outbox insert is all-or-nothing with the business writes (issue 9, item 14)
+
+async def test_a_duplicate_event_id_rejects_the_whole_transaction(storage: Storage) -> None:
+    """PostgreSQL rolls the transaction back; Redis refuses before EXEC (MULTI/EXEC would
+    apply the business writes around a failing command); memory has no transaction, and
+    its insert refuses the same way."""
+    is_pg, is_redis = hasattr(storage, "pool"), hasattr(storage, "redis")
+    balance_key = f"{getattr(storage, 'prefix', '')}:balance"
+
+    async def debit(tx: Any, amount: int) -> None:
+        if is_pg:
+            await tx.execute("UPDATE account SET balance = balance - $1", amount)
+        elif is_redis:
+            tx.decrby(balance_key, amount)
+
+    async def balance() -> int | None:
+        if is_pg:
+            async with storage.pool.acquire() as conn:  # type: ignore[attr-defined]
+                return int(await conn.fetchval("SELECT balance FROM account"))
+        if is_redis:
+            return int(await storage.redis.get(balance_key))  # type: ignore[attr-defined]
+        return None
+
+    if is_pg:
+        async with storage.pool.acquire() as conn:  # type: ignore[attr-defined]
+            await conn.execute("CREATE TABLE account (balance INT)")
+            await conn.execute("INSERT INTO account VALUES (100)")
+    elif is_redis:
+        await storage.redis.set(balance_key, 100)  # type: ignore[attr-defined]
+    async with transaction(storage) as tx:
+        await add(storage, tx, "acct", 1, event_id="debit-1")
+    expected = 100 if is_pg or is_redis else None
+    # a retry of the same business operation: the same event id refuses all of it
+    with pytest.raises(OutboxError, match="event_id 'debit-1' is already in the outbox"):
+        async with transaction(storage) as tx:
+            await debit(tx, 30)
+            await add(storage, tx, "acct", 2, event_id="debit-1")
+    assert await balance() == expected
+    # the same id twice in one transaction
+    with pytest.raises(OutboxError, match="event_id 'debit-2' is already in the outbox"):
+        async with transaction(storage) as tx:
+            await add(storage, tx, "acct", 3, event_id="debit-2")
+            await debit(tx, 30)
+            await add(storage, tx, "acct", 4, event_id="debit-2")
+    assert await balance() == expected
+    counts = {"pending": 1, "sent": 0, "dead": 0}
+    if not (is_pg or is_redis):
+        counts["pending"] = 2  # memory: the first debit-2 went in (no transaction to undo)
+    assert await storage.outbox.counts() == counts
+    if is_redis:
+        # a concurrent transaction adds the id between our insert and our EXEC: WATCH
+        # aborts ours whole
+        from redis.exceptions import WatchError
+
+        with pytest.raises(WatchError):
+            async with transaction(storage) as tx:
+                await add(storage, tx, "acct", 5, event_id="debit-3")
+                tx.decrby(balance_key, 30)
+                async with transaction(storage) as rival:
+                    await add(storage, rival, "acct", 6, event_id="debit-3")
+        assert await balance() == 100
+        assert await storage.outbox.counts() == {"pending": 2, "sent": 0, "dead": 0}
+
+
+async def test_a_broken_batch_stays_with_its_worker_and_a_settle_frees_whole_aggregates(
+        storage: Storage) -> None:
+    """What test_outbox_model checks at random, made certain: a worker that lost a claim's
+    reply claims again; what it does not take this time stays its own (others wait for the
+    lease), and settling an aggregate frees all of it."""
+    async with transaction(storage) as tx:
+        a1, a2 = await add(storage, tx, "a", 1), await add(storage, tx, "a", 2)
+        b1 = await add(storage, tx, "b", 3)
+    outbox = storage.outbox
+    assert len(await outbox.claim("A", 10, 30)) == 3  # the reply is lost: A forgets them
+    again = await outbox.claim("A", 1, 30)  # a smaller batch this time
+    assert [e.event_id for e in again] == [a1.event_id]
+    assert await outbox.claim("B", 10, 30) == []  # a and b are still A's
+    await outbox.settle("A", again, [], [], Backoff())
+    assert [e.event_id for e in await outbox.claim("B", 10, 30)] == [a2.event_id]
+    assert [e.event_id for e in await outbox.claim("A", 10, 30)] == [b1.event_id]

@@ -440,3 +440,28 @@ async def test_operator_retries_the_failed_compensations_of_a_failed_saga():
     assert fixed.status is SagaStatus.COMPENSATED
     assert log[-2:] == ["refund attempt", "undo reserve"]  # then the blocked step, in order
     assert fixed.steps["charge"].compensation_attempts == 4
+
+
+@pytest.mark.parametrize("lease", [0, -1, True, "5", None, float("nan"), float("inf")])
+def test_claim_lease_is_checked(lease):
+    with pytest.raises(ValueError, match="claim_lease must be a finite number of seconds > 0"):
+        Engine(claim_lease=lease)
+    assert Engine(claim_lease=2).claim_lease == 2.0
+
+
+async def test_a_run_that_cannot_start_does_not_hold_its_key():
+    """The context is checked before the key is claimed: a rejected start leaves no claim
+    behind (which made every later run with the key fail)."""
+    from sagaz import SagaAlreadyRunning, SagaContextError, SagazError
+
+    assert issubclass(SagaAlreadyRunning, SagazError)
+    saga = Saga("unstartable")
+
+    @saga.step()
+    async def only(ctx):
+        return "ok"
+
+    engine = Engine(InMemorySagaStore())
+    with pytest.raises(SagaContextError):
+        await engine.run(saga, {"when": {1, 2}}, idempotency_key="k")
+    assert (await engine.run(saga, {"n": 1}, idempotency_key="k")).succeeded
