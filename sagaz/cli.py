@@ -88,9 +88,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     async def main() -> list[int]:
         import asyncpg
 
+        from sagaz.errors import mask_url, safe_cause, url_for_error
         from sagaz.migrations import migrate
 
-        conn = await asyncpg.connect(url)
+        try:
+            conn = await asyncpg.connect(url)
+        except Exception as exc:
+            raise RuntimeError(f"cannot connect to PostgreSQL at {url_for_error(url)}: "
+                               f"{type(exc).__name__}: {mask_url(str(exc))}"
+                               ) from safe_cause(exc)
         try:
             return await migrate(conn)
         finally:
@@ -299,12 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sagaz.errors import mask_url
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except (ValueError, RuntimeError) as exc:
-        print(f"sagaz: error: {exc}", file=sys.stderr)
+        # masked: the message may quote a URL given on the command line or by a library
+        print(f"sagaz: error: {mask_url(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:  # unexpected: the traceback, with every URL password masked
+        import traceback
+
+        print(mask_url("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

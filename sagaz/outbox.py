@@ -27,6 +27,7 @@ import uuid
 from typing import Any
 
 from sagaz.brokers import Broker, BrokerError, Skipped
+from sagaz.errors import mask_url
 from sagaz.storage import Backoff, OutboxError, OutboxEvent, OutboxStore
 
 __all__ = ["OptimisticPublisher", "OutboxError", "OutboxEvent", "OutboxWorker"]
@@ -88,7 +89,8 @@ class OutboxWorker:
                     for status in ("pending", "dead"):
                         self.metrics.events.labels(status).set(counts[status])
             except Exception as exc:  # the database went away, say: try again shortly
-                log.warning("outbox worker %s: %s: %s", self.worker_id, type(exc).__name__, exc)
+                log.warning("outbox worker %s: %s: %s", self.worker_id, type(exc).__name__,
+                            mask_url(str(exc)))
                 n = 0
             if n < self.batch_size:
                 try:
@@ -129,7 +131,8 @@ class OutboxWorker:
                 released.append(e)
                 broken.add(e.aggregate_id)
             elif err is not None:
-                failed.append((e, f"{type(err).__name__}: {err}"))
+                # stored as the event's last error, shown by `sagaz outbox dead`: masked
+                failed.append((e, mask_url(f"{type(err).__name__}: {err}")))
                 broken.add(e.aggregate_id)
             else:
                 sent.append(e)
@@ -163,7 +166,8 @@ class OutboxWorker:
             try:
                 await self.outbox.renew(self.worker_id, events, self.lease)
             except Exception as exc:  # keep trying; the lease is the fallback
-                log.warning("outbox worker %s: renewing a lease failed: %s", self.worker_id, exc)
+                log.warning("outbox worker %s: renewing a lease failed: %s", self.worker_id,
+                            mask_url(str(exc)))
 
 
 class _Metrics:
@@ -210,5 +214,6 @@ class OptimisticPublisher:
             await self.outbox.mark_sent(event)
             return True
         except Exception as exc:
-            log.info("optimistic publish of %s left to the worker: %s", event.event_id, exc)
+            log.info("optimistic publish of %s left to the worker: %s", event.event_id,
+                     mask_url(str(exc)))
             return False

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sagaz.definition import Saga
+from sagaz.errors import mask_url
 
 
 class ConfigError(ValueError):
@@ -42,10 +43,12 @@ class Settings:
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"setting {name} (SAGAZ_{name.upper()}) {why}, got "
-                               f"{getattr(self, name)!r}")
+                               f"{mask_url(repr(getattr(self, name)))}")
 
-        if not self.bootstrap or any(not h.rpartition(":")[2].isdigit()
-                                     for h in self.bootstrap.split(",")):
+        if not self.bootstrap or any(
+                not h.rpartition(":")[2].isdigit() or not h.rpartition(":")[0]
+                or any(c in h for c in "/@ ") for h in self.bootstrap.split(",")):
+            # no scheme and no user:password@: Kafka credentials are SASL settings
             raise bad("bootstrap", "must be host:port[,host:port...]")
         for name in ("partitions", "web_port", "inbox_size"):
             v = getattr(self, name)
