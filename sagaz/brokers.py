@@ -61,6 +61,11 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.topics: dict[str, list[tuple[str, bytes, dict[str, str]]]] = defaultdict(list)
 
+    @property
+    def started(self) -> bool:
+        """Always usable (``OutboxWorker.ready`` asks each broker)."""
+        return True
+
     async def start(self) -> None:
         pass
 
@@ -86,6 +91,11 @@ class KafkaBroker(_PublishOne):
         self.options = {"linger_ms": linger_ms, "request_timeout_ms": request_timeout_ms,
                         **producer_options}
         self.producer: Any = None
+
+    @property
+    def started(self) -> bool:
+        """start() succeeded and stop() was not called (aiokafka reconnects by itself)."""
+        return self.producer is not None
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaProducer
@@ -142,6 +152,12 @@ class RabbitMQBroker(_PublishOne):
         self.connection: Any = None
         self.exchange: Any = None
 
+    @property
+    def started(self) -> bool:
+        """start() succeeded and the connection is up (not closed, not reconnecting)."""
+        return (self.exchange is not None and not self.connection.is_closed
+                and self.connection.connected.is_set())
+
     async def start(self) -> None:
         import aio_pika
 
@@ -157,7 +173,7 @@ class RabbitMQBroker(_PublishOne):
     async def stop(self) -> None:
         if self.connection is not None:
             await self.connection.close()
-            self.connection = None
+            self.connection = self.exchange = None
 
     async def publish_many(self, messages: list[tuple[str, str, bytes,
                                                       dict[str, str] | None]]
