@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,12 @@ class Settings:
     partitions: int = 4
     datadir: str = "var/sagaz"
     worker_id: str = "1"
+    # The address other workers reach this one at: its canonical URL, to which requests for
+    # the sagas it owns are routed (in Kubernetes the pod's DNS name under the headless
+    # Service). Not the address to listen on: a pod's DNS name only resolves once the pod
+    # is published, and binding 0.0.0.0 cannot be advertised.
     web_host: str = "127.0.0.1"
+    web_bind: str = "127.0.0.1"  # the address the web server listens on (0.0.0.0 in a pod)
     web_port: int = 6066
     sagas: tuple[str, ...] = ()  # "package.module" or "package.module:attribute"
     timer_interval: float = 0.05  # seconds between timer scans
@@ -56,6 +63,12 @@ class Settings:
                 raise bad(name, "must be an integer >= 1")
         if self.web_port > 65535:
             raise bad("web_port", "must be a TCP port")
+        if not _is_address(self.web_bind):
+            raise bad("web_bind", "must be an IP address or host name to listen on")
+        if not _is_address(self.web_host) or _is_unspecified(self.web_host):
+            raise bad("web_host", "must be the IP address or host name other workers reach "
+                                  "this one at (not an unspecified address such as 0.0.0.0: "
+                                  "that is for web_bind)")
         for name in ("timer_interval", "producer_linger", "commit_interval",
                      "session_timeout"):
             v = getattr(self, name)
@@ -90,11 +103,38 @@ class Settings:
         return cls(**values)
 
     @property
+    def canonical_url(self) -> str:
+        """The URL this worker advertises to the others (Faust's ``canonical_url``)."""
+        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host
+        return f"http://{host}:{self.web_port}"
+
+    @property
     def tabledir(self) -> Path:
         return Path(self.datadir) / f"worker-{self.worker_id}"
 
     def load_sagas(self) -> list[Saga]:
         return load_sagas(self.sagas)
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _is_address(value: object) -> bool:
+    """An IP address or a DNS host name (no scheme, port or path)."""
+    if not isinstance(value, str) or not value or len(value) > 253:
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return _HOSTNAME.fullmatch(value) is not None
+
+
+def _is_unspecified(value: str) -> bool:
+    try:
+        return ipaddress.ip_address(value).is_unspecified
+    except ValueError:
+        return False
 
 
 def _split(raw: str) -> tuple[str, ...]:
