@@ -35,13 +35,15 @@ def url_for_error(url: str) -> str:
 def safe_cause(exc: BaseException) -> BaseException | None:
     """``exc`` to chain as the cause of a masked error, or None when its own text shows a
     password (a chained traceback would print it)."""
-    text = str(exc)
+    text = mask_url(str(exc))
     return exc if mask_url(text) == text else None
 
 
 def describe(exc: BaseException) -> str:
-    """'Type: message' (or just the type): how step errors are recorded and reported."""
-    text = str(exc)
+    """'Type: message' (or just the type): how step errors are recorded and reported.
+    URL passwords in the message are masked: the text is stored in saga state, sent in
+    results and dead-letter headers, and shown by the query views."""
+    text = mask_url(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -88,3 +88,20 @@ async def test_the_outbox_stores_and_shows_last_errors_masked() -> None:
     assert await worker.run_once() == 1
     [(_, error)] = await storage.outbox.dead()
     assert SECRET not in error and "guest:***@mq" in error
+
+
+async def test_step_errors_are_recorded_masked() -> None:
+    """A step's error is stored in the saga's state and shown by the views: a library's
+    message quoting its DSN must not carry the password there."""
+    from sagaz import Saga, SagaContext
+
+    saga = Saga("order")
+
+    @saga.step()
+    async def charge(ctx: SagaContext) -> None:
+        raise ConnectionError(f"postgresql://app:{SECRET}@db/app: connection refused")
+
+    result = await saga.execute(order_id="1")
+    assert result.status.value == "compensated"
+    shown = repr(result.error) + repr(result.steps)
+    assert SECRET not in shown and "app:***@db" in shown
