@@ -35,7 +35,7 @@ def url_for_error(url: str) -> str:
 def safe_cause(exc: BaseException) -> BaseException | None:
     """``exc`` to chain as the cause of a masked error, or None when its own text shows a
     password (a chained traceback would print it)."""
-    text = mask_url(str(exc))
+    text = str(exc)
     return exc if mask_url(text) == text else None
 
 
