@@ -16,6 +16,8 @@ from collections import defaultdict
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from sagaz.errors import mask_url, safe_cause, url_for_error
+
 
 class BrokerError(RuntimeError):
     pass
@@ -59,6 +61,11 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.topics: dict[str, list[tuple[str, bytes, dict[str, str]]]] = defaultdict(list)
 
+    @property
+    def started(self) -> bool:
+        """Always usable (``OutboxWorker.ready`` asks each broker)."""
+        return True
+
     async def start(self) -> None:
         pass
 
@@ -85,6 +92,11 @@ class KafkaBroker(_PublishOne):
                         **producer_options}
         self.producer: Any = None
 
+    @property
+    def started(self) -> bool:
+        """start() succeeded and stop() was not called (aiokafka reconnects by itself)."""
+        return self.producer is not None
+
     async def start(self) -> None:
         from aiokafka import AIOKafkaProducer
 
@@ -95,7 +107,8 @@ class KafkaBroker(_PublishOne):
             await self.producer.start()
         except Exception as exc:
             self.producer = None
-            raise BrokerError(f"cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
+            raise BrokerError(f"cannot connect to Kafka at {url_for_error(self.bootstrap)}: "
+                              f"{mask_url(str(exc))}") from safe_cause(exc)
 
     async def stop(self) -> None:
         if self.producer is not None:
@@ -139,6 +152,12 @@ class RabbitMQBroker(_PublishOne):
         self.connection: Any = None
         self.exchange: Any = None
 
+    @property
+    def started(self) -> bool:
+        """start() succeeded and the connection is up (not closed, not reconnecting)."""
+        return (self.exchange is not None and not self.connection.is_closed
+                and self.connection.connected.is_set())
+
     async def start(self) -> None:
         import aio_pika
 
@@ -148,12 +167,13 @@ class RabbitMQBroker(_PublishOne):
             self.exchange = await channel.declare_exchange(
                 self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
         except Exception as exc:
-            raise BrokerError(f"cannot connect to RabbitMQ at {self.url}: {exc}") from exc
+            raise BrokerError(f"cannot connect to RabbitMQ at {url_for_error(self.url)}: "
+                              f"{type(exc).__name__}: {mask_url(str(exc))}") from safe_cause(exc)
 
     async def stop(self) -> None:
         if self.connection is not None:
             await self.connection.close()
-            self.connection = None
+            self.connection = self.exchange = None
 
     async def publish_many(self, messages: list[tuple[str, str, bytes,
                                                       dict[str, str] | None]]
@@ -172,14 +192,21 @@ class RabbitMQBroker(_PublishOne):
 
 
 def broker_from_url(url: str, **options: Any) -> Broker:
+    """A broker for ``url``; every error names the URL with its password masked."""
     parts = urlsplit(url)
     if parts.scheme == "kafka":
         if not parts.netloc:
-            raise ValueError(f"kafka URL needs host:port, got {url!r}")
+            raise ValueError(f"kafka URL needs host:port, got {mask_url(url)!r}")
+        if "@" in parts.netloc:
+            # aiokafka would take 'user:pw@host' for a host name (and print it back); Kafka
+            # credentials are SASL settings, not part of the bootstrap address.
+            raise ValueError(f"kafka URL {mask_url(url)!r} carries credentials: give host:port "
+                             f"only, and the credentials as SAGAZ_KAFKA_SASL_USERNAME and "
+                             f"SAGAZ_KAFKA_SASL_PASSWORD")
         return KafkaBroker(parts.netloc, **options)
     if parts.scheme == "memory":
         return MemoryBroker()
     if parts.scheme in ("amqp", "amqps"):
         return RabbitMQBroker(url, **options)
-    raise ValueError(f"unknown broker URL scheme {parts.scheme!r} in {url!r}; "
+    raise ValueError(f"unknown broker URL scheme {parts.scheme!r} in {url_for_error(url)}; "
                      f"use kafka://, amqp:// or memory://")

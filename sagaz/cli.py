@@ -59,16 +59,21 @@ def cmd_participant(args: argparse.Namespace) -> int:
             from sagaz.storage import open_storage
 
             storage = await open_storage(args.storage)
-        participant = Participant(args.service, sagas, bootstrap=_bootstrap(args),
-                                  prefix=args.prefix or "sagaz",
-                                  inbox=storage.replies if storage else None,
-                                  registry=_metrics_registry(args))
+        registry = _metrics_registry(args)
+        participant: Any = Participant(args.service, sagas, bootstrap=_bootstrap(args),
+                                       prefix=args.prefix or "sagaz",
+                                       inbox=storage.replies if storage else None,
+                                       registry=registry)
+        health = await _serve_health(args, registry, live=lambda: participant.live(),
+                                     ready=lambda: participant.ready())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(participant.stop()))
         try:
             await participant.run()
         finally:
+            if health is not None:
+                await health.stop()
             if storage is not None:
                 await storage.close()
 
@@ -101,9 +106,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     async def main() -> list[int]:
         import asyncpg
 
+        from sagaz.errors import mask_url, safe_cause, url_for_error
         from sagaz.migrations import migrate
 
-        conn = await asyncpg.connect(url)
+        try:
+            conn = await asyncpg.connect(url)
+        except Exception as exc:
+            raise RuntimeError(f"cannot connect to PostgreSQL at {url_for_error(url)}: "
+                               f"{type(exc).__name__}: {mask_url(str(exc))}"
+                               ) from safe_cause(exc)
         try:
             return await migrate(conn)
         finally:
@@ -139,18 +150,31 @@ def _storage_url(args: argparse.Namespace) -> str:
 
 
 def _metrics_registry(args: argparse.Namespace) -> Any:
-    """A registry served on --metrics-port, or None without one."""
+    """A registry to serve on --metrics-port (see _serve_health), or None without one."""
     if args.metrics_port is None:
         return None
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
-    registry = CollectorRegistry(auto_describe=True)
-    start_http_server(args.metrics_port, addr=args.metrics_host, registry=registry)
-    return registry
+    return CollectorRegistry(auto_describe=True)
+
+
+async def _serve_health(args: argparse.Namespace, registry: Any, *, live: Any, ready: Any,
+                        details: Any = None) -> Any:
+    """Serve /metrics, /health/live and /health/ready on --metrics-port (None without one):
+    in this process's event loop, so a blocked loop fails the liveness probe."""
+    if args.metrics_port is None:
+        return None
+    from sagaz.health import HealthServer
+
+    server = HealthServer(live=live, ready=ready, registry=registry, host=args.metrics_host,
+                          port=args.metrics_port, details=details)
+    await server.start()
+    return server
 
 
 def _metrics_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus /metrics, /health/live and /health/ready here")
     parser.add_argument("--metrics-host", default="127.0.0.1",
                         help="address for --metrics-port (0.0.0.0 in a container)")
 
@@ -197,11 +221,18 @@ async def _run_outbox(args: argparse.Namespace, storage: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
-    await broker.start()
+    # up before the broker, so a probe sees "not ready" (with the reason), not no answer
+    health = await _serve_health(args, registry, live=worker.live, ready=worker.ready,
+                                 details=worker.health)
     try:
-        await worker.run()
+        await broker.start()
+        try:
+            await worker.run()
+        finally:
+            await broker.stop()
     finally:
-        await broker.stop()
+        if health is not None:
+            await health.stop()
 
 
 def _query(args: argparse.Namespace, fn: str, *a: Any, **kw: Any) -> int:
@@ -313,12 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sagaz.errors import mask_url
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except (ValueError, RuntimeError) as exc:
-        print(f"sagaz: error: {exc}", file=sys.stderr)
+        # masked: the message may quote a URL given on the command line or by a library
+        print(f"sagaz: error: {mask_url(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:  # unexpected: the traceback, with every URL password masked
+        import traceback
+
+        print(mask_url("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

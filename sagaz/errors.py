@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sagaz.result import SagaResult
 
+# scheme://user:password@ -- the password runs to the last '@' before the end of the
+# authority (whitespace, '/', '?' or '#'), so a raw '@' or ':' in it is masked too.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#\s]*):[^\s/?#]*@")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by
+    ``***`` (``user:***@``).
+
+    A regex over any text, not a URL parser, so it also cleans the message of a
+    third-party exception that embeds the URL, a repr, or a log line with several URLs.
+    Every URL sagaz puts in a log line, an error or a view goes through it."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
+def url_for_error(url: str) -> str:
+    """How an error message shows a URL it could not use: masked; and when it lacks the
+    ``scheme://`` that ``mask_url`` keys on (``amqp:/admin:pw@host``), not echoed at all
+    if it has an '@', which may follow a password."""
+    if "://" in url or "@" not in url:
+        return repr(mask_url(url))
+    return "(not shown: it has no scheme:// and may hold a password)"
+
+
+def safe_cause(exc: BaseException) -> BaseException | None:
+    """``exc`` to chain as the cause of a masked error, or None when its own text shows a
+    password (a chained traceback would print it)."""
+    text = str(exc)
+    return exc if mask_url(text) == text else None
+
 
 def describe(exc: BaseException) -> str:
-    """'Type: message' (or just the type): how step errors are recorded and reported."""
-    text = str(exc)
+    """'Type: message' (or just the type): how step errors are recorded and reported.
+    URL passwords in the message are masked: the text is stored in saga state, sent in
+    results and dead-letter headers, and shown by the query views."""
+    text = mask_url(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -4,6 +4,8 @@
 
 One JSON object per line: time (ISO 8601, UTC), level, logger, message, and the
 exception when there is one; fields passed with ``extra={...}`` are included.
+Both formats mask the password of every URL in a line (``sagaz.errors.mask_url``): a
+library's message or traceback may quote the URL it was given.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from sagaz.errors import mask_url
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -31,15 +35,24 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 doc[key] = value
-        return orjson.dumps(doc, default=str).decode()
+        return mask_url(orjson.dumps(doc, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, URL passwords masked."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_url(super().format(record))
 
 
 def handler(fmt: str) -> logging.Handler:
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', got {fmt!r}")
     h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     return h
 
 

@@ -27,6 +27,7 @@ import uuid
 from typing import Any
 
 from sagaz.brokers import Broker, BrokerError, Skipped
+from sagaz.errors import mask_url
 from sagaz.storage import Backoff, OutboxError, OutboxEvent, OutboxStore
 
 __all__ = ["OptimisticPublisher", "OutboxError", "OutboxEvent", "OutboxWorker"]
@@ -68,33 +69,67 @@ class OutboxWorker:
         self._unsettled: tuple[Any, ...] | None = None
         self.metrics = _Metrics(registry) if registry is not None else None
         self.metrics_interval = metrics_interval
+        # Health. A loop iteration takes at most a poll interval plus a claim and a settle,
+        # except while the broker holds a batch, when the lease renewals (every lease / 3)
+        # show progress instead. Silent for two leases, the worker is stuck, not waiting.
+        self.stale_after = 2 * lease + poll_interval
+        self._running = False
+        self._progress_at = 0.0  # time.monotonic() of the last iteration or renewal
+        self._storage_ok = False  # the last claim (and the storage calls after it) worked
+        self._last_error: str | None = None
 
     async def stop(self) -> None:
         self._stopping.set()
+
+    def live(self) -> bool:
+        """``run()`` is running and made progress within ``stale_after`` seconds (a loop
+        iteration completed, or a lease renewal while the broker holds a batch)."""
+        return self._running and time.monotonic() - self._progress_at <= self.stale_after
+
+    def ready(self) -> bool:
+        """Live, its last claim against the storage succeeded, and the broker is started
+        (a broker without a ``started`` attribute counts as started)."""
+        return self.live() and self._storage_ok and bool(getattr(self.broker, "started", True))
+
+    def health(self) -> dict[str, Any]:
+        """What /health reports when a check fails."""
+        return {"worker_id": self.worker_id, "running": self._running,
+                "seconds_since_progress": (round(time.monotonic() - self._progress_at, 3)
+                                           if self._progress_at else None),
+                "stale_after": self.stale_after, "storage_ok": self._storage_ok,
+                "broker_started": bool(getattr(self.broker, "started", True)),
+                "last_error": self._last_error}
 
     async def run(self) -> None:
         """Publish until stop(); storage and broker errors are logged and retried."""
         loop = asyncio.get_running_loop()
         next_prune = next_gauges = loop.time()
-        while not self._stopping.is_set():
-            try:
-                n = await self.run_once()
-                if self.retention is not None and loop.time() >= next_prune:
-                    await self.outbox.prune(self.retention)
-                    next_prune = loop.time() + self.prune_interval
-                if self.metrics is not None and loop.time() >= next_gauges:
-                    next_gauges = loop.time() + self.metrics_interval
-                    counts = await self.outbox.counts()
-                    for status in ("pending", "dead"):
-                        self.metrics.events.labels(status).set(counts[status])
-            except Exception as exc:  # the database went away, say: try again shortly
-                log.warning("outbox worker %s: %s: %s", self.worker_id, type(exc).__name__, exc)
-                n = 0
-            if n < self.batch_size:
+        self._running, self._progress_at = True, time.monotonic()
+        try:
+            while not self._stopping.is_set():
                 try:
-                    await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
-                except TimeoutError:
-                    pass
+                    n = await self.run_once()
+                    if self.retention is not None and loop.time() >= next_prune:
+                        await self.outbox.prune(self.retention)
+                        next_prune = loop.time() + self.prune_interval
+                    if self.metrics is not None and loop.time() >= next_gauges:
+                        next_gauges = loop.time() + self.metrics_interval
+                        counts = await self.outbox.counts()
+                        for status in ("pending", "dead"):
+                            self.metrics.events.labels(status).set(counts[status])
+                except Exception as exc:  # the database went away, say: try again shortly
+                    self._storage_ok = False
+                    self._last_error = mask_url(f"{type(exc).__name__}: {exc}")
+                    log.warning("outbox worker %s: %s", self.worker_id, self._last_error)
+                    n = 0
+                self._progress_at = time.monotonic()
+                if n < self.batch_size:
+                    try:
+                        await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+                    except TimeoutError:
+                        pass
+        finally:  # stopped, cancelled or died: not live any more
+            self._running = False
 
     async def run_once(self) -> int:
         """Claim one batch, publish it, record the outcome; return how many were claimed.
@@ -103,6 +138,7 @@ class OutboxWorker:
             await self._settle(*self._unsettled)
         t0 = time.perf_counter()
         events = await self.outbox.claim(self.worker_id, self.batch_size, self.lease)
+        self._storage_ok = True
         if not events:
             return 0
         # While the broker holds the batch (it retries through an outage), keep the lease:
@@ -129,7 +165,8 @@ class OutboxWorker:
                 released.append(e)
                 broken.add(e.aggregate_id)
             elif err is not None:
-                failed.append((e, f"{type(err).__name__}: {err}"))
+                # stored as the event's last error, shown by `sagaz outbox dead`: masked
+                failed.append((e, mask_url(f"{type(err).__name__}: {err}")))
                 broken.add(e.aggregate_id)
             else:
                 sent.append(e)
@@ -160,10 +197,12 @@ class OutboxWorker:
                 return
             except TimeoutError:
                 pass
+            self._progress_at = time.monotonic()  # waiting on the broker, not stuck
             try:
                 await self.outbox.renew(self.worker_id, events, self.lease)
             except Exception as exc:  # keep trying; the lease is the fallback
-                log.warning("outbox worker %s: renewing a lease failed: %s", self.worker_id, exc)
+                log.warning("outbox worker %s: renewing a lease failed: %s", self.worker_id,
+                            mask_url(str(exc)))
 
 
 class _Metrics:
@@ -210,5 +249,6 @@ class OptimisticPublisher:
             await self.outbox.mark_sent(event)
             return True
         except Exception as exc:
-            log.info("optimistic publish of %s left to the worker: %s", event.event_id, exc)
+            log.info("optimistic publish of %s left to the worker: %s", event.event_id,
+                     mask_url(str(exc)))
             return False

@@ -66,7 +66,13 @@ def _client(url_or_client: Any) -> Any:
     if isinstance(url_or_client, str):
         import redis.asyncio as redis
 
-        return redis.from_url(url_or_client)
+        from sagaz.errors import mask_url, safe_cause, url_for_error
+
+        try:
+            return redis.from_url(url_or_client)
+        except ValueError as exc:  # redis-py's parser: a bad port, scheme, db number
+            raise ValueError(f"invalid Redis URL {url_for_error(url_or_client)}: "
+                             f"{mask_url(str(exc))}") from safe_cause(exc)
     return url_or_client
 
 

@@ -48,10 +48,15 @@ from typing import Any, Protocol
 
 import orjson
 
+from sagaz.errors import mask_url, safe_cause, url_for_error
 from sagaz.inbox import Inbox
 from sagaz.store import SagaStore
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
+
+
+class StorageError(RuntimeError):
+    """The storage named by a URL cannot be reached; the message names the URL, masked."""
 
 
 class OutboxError(ValueError):
@@ -189,7 +194,11 @@ class Storage(Protocol):
 async def open_storage(url: str, **options: Any) -> Storage:
     """``postgresql://user@host/db`` (asyncpg pool, migrations must be applied; options:
     ``scan_window`` and asyncpg's pool arguments), ``redis://host:port/db`` (options:
-    ``prefix``, ``inbox_ttl``) or ``memory://``."""
+    ``prefix``, ``inbox_ttl``) or ``memory://``.
+
+    Connects before returning (Redis answers a PING), so a wrong address or password fails
+    here, as a ``StorageError`` naming the URL with its password masked; a URL that does not
+    parse is a ``ValueError``, masked too."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
         import asyncpg
@@ -197,14 +206,31 @@ async def open_storage(url: str, **options: Any) -> Storage:
         from sagaz.postgres_storage import PostgresStorage, init_connection
 
         scan_window = options.pop("scan_window", None)
-        pool = await asyncpg.create_pool(url, init=init_connection, **options)
+        try:
+            pool = await asyncpg.create_pool(url, init=init_connection, **options)
+        except (ValueError, TypeError) as exc:  # asyncpg's DSN parser, or an option
+            raise ValueError(f"invalid PostgreSQL URL or option for {url_for_error(url)}: "
+                             f"{mask_url(str(exc))}") from safe_cause(exc)
+        except Exception as exc:
+            raise StorageError(f"cannot connect to PostgreSQL at {url_for_error(url)}: "
+                               f"{type(exc).__name__}: {mask_url(str(exc))}"
+                               ) from safe_cause(exc)
         return PostgresStorage(pool, owns_pool=True, scan_window=scan_window)
     if scheme in ("redis", "rediss", "unix"):
         from sagaz.redis_storage import RedisStorage
 
-        return RedisStorage(url, **options)
+        storage = RedisStorage(url, **options)
+        try:
+            await storage.redis.ping()
+        except Exception as exc:
+            await storage.close()
+            raise StorageError(f"cannot connect to Redis at {url_for_error(url)}: "
+                               f"{type(exc).__name__}: {mask_url(str(exc))}"
+                               ) from safe_cause(exc)
+        return storage
     if scheme == "memory":
         from sagaz.memory_storage import MemoryStorage
 
         return MemoryStorage(**options)
-    raise ValueError(f"unknown storage URL {url!r}: use postgresql://, redis:// or memory://")
+    raise ValueError(f"unknown storage URL {url_for_error(url)}: "
+                     f"use postgresql://, redis:// or memory://")

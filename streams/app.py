@@ -124,9 +124,9 @@ class OrchestratorApp:
             stream_wait_empty=False,
             web_enabled=True,
             web_host=settings.web_host,
-            web_bind=settings.web_host,
+            web_bind=settings.web_bind,  # listen here; advertise web_host (canonical_url)
             web_port=settings.web_port,
-            canonical_url=f"http://{settings.web_host}:{settings.web_port}",
+            canonical_url=settings.canonical_url,
             web_tables_enabled=False,  # saga rows are served by our views only
             table_cleanup_interval=3600,
             **self._log_options(settings),

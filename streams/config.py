@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sagaz.definition import Saga
+from sagaz.errors import mask_url
 from sagaz.messages import MAX_MESSAGE_BYTES
 
 
@@ -23,7 +26,12 @@ class Settings:
     partitions: int = 4
     datadir: str = "var/sagaz"
     worker_id: str = "1"
+    # The address other workers reach this one at: its canonical URL, to which requests for
+    # the sagas it owns are routed (in Kubernetes the pod's DNS name under the headless
+    # Service). Not the address to listen on: a pod's DNS name only resolves once the pod
+    # is published, and binding 0.0.0.0 cannot be advertised.
     web_host: str = "127.0.0.1"
+    web_bind: str = "127.0.0.1"  # the address the web server listens on (0.0.0.0 in a pod)
     web_port: int = 6066
     sagas: tuple[str, ...] = ()  # "package.module" or "package.module:attribute"
     timer_interval: float = 0.05  # seconds between timer scans
@@ -49,10 +57,12 @@ class Settings:
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"setting {name} (SAGAZ_{name.upper()}) {why}, got "
-                               f"{getattr(self, name)!r}")
+                               f"{mask_url(repr(getattr(self, name)))}")
 
-        if not self.bootstrap or any(not h.rpartition(":")[2].isdigit()
-                                     for h in self.bootstrap.split(",")):
+        if not self.bootstrap or any(
+                not h.rpartition(":")[2].isdigit() or not h.rpartition(":")[0]
+                or any(c in h for c in "/@ ") for h in self.bootstrap.split(",")):
+            # no scheme and no user:password@: Kafka credentials are SASL settings
             raise bad("bootstrap", "must be host:port[,host:port...]")
         for name in ("partitions", "web_port", "inbox_size"):
             v = getattr(self, name)
@@ -66,6 +76,12 @@ class Settings:
             raise bad("stall_timeout", "must be a number of seconds from 1 to 3600")
         if self.web_port > 65535:
             raise bad("web_port", "must be a TCP port")
+        if not _is_address(self.web_bind):
+            raise bad("web_bind", "must be an IP address or host name to listen on")
+        if not _is_address(self.web_host) or _is_unspecified(self.web_host):
+            raise bad("web_host", "must be the IP address or host name other workers reach "
+                                  "this one at (not an unspecified address such as 0.0.0.0: "
+                                  "that is for web_bind)")
         for name in ("timer_interval", "producer_linger", "commit_interval",
                      "session_timeout"):
             v = getattr(self, name)
@@ -100,11 +116,38 @@ class Settings:
         return cls(**values)
 
     @property
+    def canonical_url(self) -> str:
+        """The URL this worker advertises to the others (Faust's ``canonical_url``)."""
+        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host
+        return f"http://{host}:{self.web_port}"
+
+    @property
     def tabledir(self) -> Path:
         return Path(self.datadir) / f"worker-{self.worker_id}"
 
     def load_sagas(self) -> list[Saga]:
         return load_sagas(self.sagas)
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _is_address(value: object) -> bool:
+    """An IP address or a DNS host name (no scheme, port or path)."""
+    if not isinstance(value, str) or not value or len(value) > 253:
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return _HOSTNAME.fullmatch(value) is not None
+
+
+def _is_unspecified(value: str) -> bool:
+    try:
+        return ipaddress.ip_address(value).is_unspecified
+    except ValueError:
+        return False
 
 
 def _split(raw: str) -> tuple[str, ...]:

@@ -165,7 +165,10 @@ def _local_service(env: str, what: str, factory: Any, container: Any) -> Iterato
                 yield c
             return
         _unavailable(what, str(exc))
-    print(f"\nlocal {what} at {server.url} started in {server.started_in:.1f}s")
+    from sagaz.errors import mask_url
+
+    # RabbitMQ's URL carries guest:guest: no password in a log line, throwaway or not
+    print(f"\nlocal {what} at {mask_url(server.url)} started in {server.started_in:.1f}s")
     try:
         yield server.url
     finally:

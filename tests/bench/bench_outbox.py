@@ -222,7 +222,10 @@ def main() -> None:
         if not bootstrap:
             kafka = LocalKafka(partitions=4).start()
             bootstrap = kafka.bootstrap_servers
-        print(f"postgres {pg_url}; redis {redis_url}; kafka {bootstrap}")
+        from sagaz.errors import mask_url
+
+        # the URLs may be given (SAGAZ_TEST_*_URL) with a password: not on the terminal
+        print(mask_url(f"postgres {pg_url}; redis {redis_url}; kafka {bootstrap}"))
         asyncio.run(run(pg_url, redis_url, bootstrap, args.n, peer))
     finally:
         if redis is not None:
