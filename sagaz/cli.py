@@ -64,8 +64,8 @@ def cmd_participant(args: argparse.Namespace) -> int:
                                        prefix=args.prefix or "sagaz",
                                        inbox=storage.replies if storage else None,
                                        registry=registry)
-        health = await _serve_health(args, registry, live=lambda: participant.live(),
-                                     ready=lambda: participant.ready())
+        health = await _serve_health(args, registry, live=participant.live,
+                                     ready=participant.ready, details=participant.health)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(participant.stop()))
