@@ -22,6 +22,7 @@ import orjson
 
 from sagaz import messages
 from sagaz.definition import Saga
+from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import topic_partition
 
 _NAMESPACE = uuid.UUID("5d3c1a52-8f9e-4c59-9a36-0f9b4b1f2a77")
@@ -35,8 +36,10 @@ def saga_id_for(saga: str, idempotency_key: str) -> str:
 class SagaClient:
     def __init__(self, bootstrap: str, *, prefix: str = "sagaz", url: str | None = None,
                  listen: bool = True, keep_outcomes: int = 100_000,
-                 on_outcome: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_outcome: Callable[[dict[str, Any]], None] | None = None,
+                 security: KafkaSecurity | None = None) -> None:
         self.bootstrap = bootstrap
+        self.security = security  # SASL/TLS of its Kafka clients; None: PLAINTEXT
         self.prefix = prefix
         self.url = url.rstrip("/") if url else None
         self.listen = listen
@@ -59,13 +62,16 @@ class SagaClient:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                         enable_idempotence=True, linger_ms=1)
-        await self.producer.start()
+                                         enable_idempotence=True, linger_ms=1,
+                                         **options(self.security))
+        await start_client(self.producer, self.bootstrap, self.security, what="saga client")
         if self.listen:
             topic = f"{self.prefix}.outcomes"
             self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                              enable_auto_commit=False)
-            await self._consumer.start()
+                                              enable_auto_commit=False,
+                                              **options(self.security))
+            await start_client(self._consumer, self.bootstrap, self.security,
+                               what="saga client")
             partitions = await self._wait_for_partitions(topic)
             tps = [topic_partition(topic, p) for p in partitions]
             self._consumer.assign(tps)

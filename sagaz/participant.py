@@ -28,6 +28,7 @@ from sagaz.definition import Saga, Step
 from sagaz.errors import describe
 from sagaz.inbox import Inbox, MemoryInbox
 from sagaz.messages import MessageError
+from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import topic_partition
 
 log = logging.getLogger("sagaz.participant")
@@ -39,13 +40,16 @@ class Participant:
     def __init__(self, service: str, sagas: Iterable[Saga], *, bootstrap: str,
                  prefix: str = "sagaz", inbox: Inbox | None = None,
                  max_batch: int = 500, commit_interval: float = 0.2,
-                 tracer: Any = None, registry: Any = None) -> None:
+                 tracer: Any = None, registry: Any = None,
+                 security: KafkaSecurity | None = None) -> None:
         """``registry``: a prometheus_client CollectorRegistry for the participant's metrics
-        (commands by action and outcome, step seconds); None: no metrics."""
+        (commands by action and outcome, step seconds); None: no metrics. ``security``:
+        SASL/TLS settings of its Kafka clients (None: PLAINTEXT)."""
         if not service or not all(c.isalnum() or c in "._-" for c in service):
             raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
         self.service = service
         self.bootstrap = bootstrap
+        self.security = security
         self.prefix = prefix
         self.topic = f"{prefix}.participant.{service}"
         self.results_topic = f"{prefix}.results"
@@ -77,14 +81,20 @@ class Participant:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                         enable_idempotence=True, linger_ms=0)
+                                         enable_idempotence=True, linger_ms=0,
+                                         **options(self.security))
         self.consumer = AIOKafkaConsumer(
             self.topic, bootstrap_servers=self.bootstrap,
             group_id=f"{self.prefix}.participant.{self.service}",
             enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_records=self.max_batch)
-        await self.producer.start()
-        await self.consumer.start()
+            max_poll_records=self.max_batch, **options(self.security))
+        what = f"participant {self.service!r}"
+        await start_client(self.producer, self.bootstrap, self.security, what=what)
+        try:
+            await start_client(self.consumer, self.bootstrap, self.security, what=what)
+        except BaseException:
+            await self.producer.stop()
+            raise
 
     async def stop(self) -> None:
         self._stopping.set()

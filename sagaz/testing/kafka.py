@@ -41,8 +41,8 @@ import sys
 import tempfile
 import time
 import uuid
-from importlib import resources
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from pathlib import Path
 
 KAFKA_VERSION = "3.9.1"
