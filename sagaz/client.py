@@ -52,7 +52,11 @@ class SagaClient:
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
 
     async def __aenter__(self) -> SagaClient:
-        await self.start_client()
+        try:
+            await self.start_client()
+        except BaseException:  # e.g. KafkaConnectError: leave no client open
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -94,11 +94,12 @@ class InboxConsumer:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
                                     **options(self.security))
         what = f"inbox consumer {self.group_id!r}"
-        await start_client(consumer, self.bootstrap, self.security, what=what)
         try:
+            await start_client(consumer, self.bootstrap, self.security, what=what)
             await start_client(producer, self.bootstrap, self.security, what=what)
-        except BaseException:
+        except BaseException:  # neither may be left open (stop() is idempotent)
             await consumer.stop()
+            await producer.stop()
             raise
         try:
             while not self._stopping.is_set():

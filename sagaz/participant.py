@@ -89,11 +89,12 @@ class Participant:
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=self.max_batch, **options(self.security))
         what = f"participant {self.service!r}"
-        await start_client(self.producer, self.bootstrap, self.security, what=what)
         try:
+            await start_client(self.producer, self.bootstrap, self.security, what=what)
             await start_client(self.consumer, self.bootstrap, self.security, what=what)
-        except BaseException:
+        except BaseException:  # neither may be left open (stop() is idempotent)
             await self.producer.stop()
+            await self.consumer.stop()
             raise
 
     async def stop(self) -> None:

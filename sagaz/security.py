@@ -292,19 +292,24 @@ async def diagnose(bootstrap: str, security: KafkaSecurity,
     if isinstance(failure, TimeoutError):
         return security.redact(f"no answer within {START_TIMEOUT:.0f} s")
     from aiokafka.conn import create_conn
+    from aiokafka.protocol.metadata import MetadataRequest
 
     causes = []
     for server in bootstrap.split(","):
         host, _, port = server.strip().rpartition(":")
+        conn = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # what a bootstrap does: connect, metadata
                 conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=
                                          int(timeout * 1000), **security.client_options())
-            conn.close()
+                await conn.send(MetadataRequest([]))
         except TimeoutError:
             causes.append(f"{server}: no answer within {timeout:.0f} s")
         except Exception as exc:
             causes.append(f"{server}: {_explain(exc, security)}")
+        finally:
+            if conn is not None:
+                conn.close()
     if not causes:  # every server answers now: report what the client said
         causes.append(f"{type(failure).__name__}: {failure}" if failure else "unknown error")
     return security.redact("; ".join(causes))
@@ -316,7 +321,7 @@ def _explain(exc: BaseException, security: KafkaSecurity) -> str:
     from aiokafka import errors
 
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, errors.SaslAuthenticationFailedError):
+    if isinstance(exc, errors.SaslAuthenticationFailed):
         return f"authentication failed (wrong user name or password?): {text}"
     if isinstance(exc, errors.UnsupportedSaslMechanismError):
         return f"the listener does not accept this SASL mechanism: {text}"
@@ -328,6 +333,8 @@ def _explain(exc: BaseException, security: KafkaSecurity) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused: {text}"
     if isinstance(exc, errors.KafkaConnectionError) and "closed" in str(exc):
-        return f"the broker closed the connection (is the security protocol " \
-               f"{security.security_protocol} the listener's?): {text}"
+        hint = f"is {security.security_protocol} this listener's security protocol"
+        if security.ssl and not security.ssl_certfile:
+            hint += ", or does it require a client certificate"
+        return f"the broker closed the connection ({hint}?): {text}"
     return text
