@@ -279,7 +279,10 @@ async def start_client(client: Any, bootstrap: str, security: KafkaSecurity | No
         await (client.stop() if hasattr(client, "stop") else client.close())
     except Exception:
         pass
-    cause = await diagnose(bootstrap, security, failure)
+    if isinstance(failure, TimeoutError):
+        cause = f"no answer within {timeout:.0f} s"
+    else:
+        cause = await diagnose(bootstrap, security, failure)
     raise KafkaConnectError(f"{what} cannot connect to Kafka at {bootstrap} "
                             f"({security.describe()}): {cause}") from None
 
@@ -289,8 +292,6 @@ async def diagnose(bootstrap: str, security: KafkaSecurity,
     """Why a client could not start: ask each bootstrap server directly, with the same
     settings, and report the first real error (aiokafka logs it but raises a bare
     "Unable to bootstrap"). The passwords are removed from the text."""
-    if isinstance(failure, TimeoutError):
-        return security.redact(f"no answer within {START_TIMEOUT:.0f} s")
     from aiokafka.conn import create_conn
     from aiokafka.protocol.metadata import MetadataRequest
 
