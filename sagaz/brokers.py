@@ -1,6 +1,7 @@
 """Message brokers the outbox publishes to, chosen by URL.
 
     kafka://host:port[,host:port]   aiokafka, idempotent producer, keyed by aggregate id
+                                    (``security=``: a sagaz.security.KafkaSecurity)
     amqp://user:pass@host:port/     RabbitMQ via aio-pika, publisher confirms, durable exchange
     memory://                       in-process, for tests of code above the broker
 
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from sagaz.errors import mask_url, safe_cause, url_for_error
+
+if TYPE_CHECKING:
+    from sagaz.security import KafkaSecurity
 
 
 class BrokerError(RuntimeError):
@@ -86,8 +90,11 @@ class MemoryBroker:
 
 class KafkaBroker(_PublishOne):
     def __init__(self, bootstrap: str, *, linger_ms: int = 2, request_timeout_ms: int = 10000,
-                 **producer_options: Any) -> None:
+                 security: KafkaSecurity | None = None, **producer_options: Any) -> None:
+        """``security``: SASL/TLS settings (None: PLAINTEXT); ``producer_options`` go to
+        AIOKafkaProducer as they are."""
         self.bootstrap = bootstrap
+        self.security = security
         self.options = {"linger_ms": linger_ms, "request_timeout_ms": request_timeout_ms,
                         **producer_options}
         self.producer: Any = None
@@ -100,15 +107,18 @@ class KafkaBroker(_PublishOne):
     async def start(self) -> None:
         from aiokafka import AIOKafkaProducer
 
+        from sagaz.security import KafkaConnectError, options, start_client
+
         # Idempotent: a retried produce is not duplicated, and per-partition order holds.
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                         enable_idempotence=True, **self.options)
+                                         enable_idempotence=True,
+                                         **{**options(self.security), **self.options})
         try:
-            await self.producer.start()
-        except Exception as exc:
+            await start_client(self.producer, self.bootstrap, self.security,
+                               what="outbox Kafka producer")
+        except KafkaConnectError as exc:
             self.producer = None
-            raise BrokerError(f"cannot connect to Kafka at {url_for_error(self.bootstrap)}: "
-                              f"{mask_url(str(exc))}") from safe_cause(exc)
+            raise BrokerError(mask_url(str(exc))) from None  # it names the servers
 
     async def stop(self) -> None:
         if self.producer is not None:
@@ -191,9 +201,14 @@ class RabbitMQBroker(_PublishOne):
         return [r if isinstance(r, BaseException) else None for r in results]
 
 
-def broker_from_url(url: str, **options: Any) -> Broker:
-    """A broker for ``url``; every error names the URL with its password masked."""
+def broker_from_url(url: str, *, security: KafkaSecurity | None = None,
+                    **options: Any) -> Broker:
+    """The broker a URL names; ``security`` (SASL/TLS) applies to kafka:// only. Every
+    error names the URL with its password masked."""
     parts = urlsplit(url)
+    if security is not None and parts.scheme != "kafka":
+        raise ValueError(f"security= (Kafka SASL/TLS settings) applies to kafka:// URLs, "
+                         f"not {parts.scheme}://")
     if parts.scheme == "kafka":
         if not parts.netloc:
             raise ValueError(f"kafka URL needs host:port, got {mask_url(url)!r}")
@@ -203,7 +218,7 @@ def broker_from_url(url: str, **options: Any) -> Broker:
             raise ValueError(f"kafka URL {mask_url(url)!r} carries credentials: give host:port "
                              f"only, and the credentials as SAGAZ_KAFKA_SASL_USERNAME and "
                              f"SAGAZ_KAFKA_SASL_PASSWORD")
-        return KafkaBroker(parts.netloc, **options)
+        return KafkaBroker(parts.netloc, security=security, **options)
     if parts.scheme == "memory":
         return MemoryBroker()
     if parts.scheme in ("amqp", "amqps"):

@@ -1,4 +1,9 @@
-"""The sagaz command line: workers, participants, and saga commands and queries."""
+"""The sagaz command line: workers, participants, and saga commands and queries.
+
+Every command that opens a Kafka client (worker, participant, start, retry, outbox run)
+takes the --kafka-* security flags, given before the command; each unset flag falls back
+to its SAGAZ_KAFKA_* environment variable (sagaz.security).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,19 @@ def _json_arg(flag: str, raw: str) -> Any:
         raise ValueError(f"{flag} is not valid JSON: {exc}") from None
 
 
+# KafkaSecurity fields with a top-level --kafka-<field> flag (the key password: env only)
+_SECURITY_FLAGS = ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
+                   "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+
+
+def _security(args: argparse.Namespace) -> Any:
+    """The Kafka security settings: --kafka-* flags over SAGAZ_KAFKA_* variables."""
+    from sagaz.security import KafkaSecurity
+
+    return KafkaSecurity.from_env(**{name: getattr(args, f"kafka_{name}")
+                                     for name in _SECURITY_FLAGS})
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -40,7 +58,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap, prefix=args.prefix, partitions=args.partitions,
         datadir=args.datadir, worker_id=args.worker_id, web_port=args.web_port,
         sagas=tuple(args.sagas) if args.sagas else None, log_level=args.log_level,
-        log_format=args.log_format)
+        log_format=args.log_format, security=_security(args))
     run_worker(settings)
     return 0
 
@@ -52,6 +70,7 @@ def cmd_participant(args: argparse.Namespace) -> int:
 
     configure(args.log_level or "info", args.log_format)
     sagas = load_sagas(args.sagas)
+    security = _security(args)
 
     async def main() -> None:
         storage = None
@@ -60,10 +79,11 @@ def cmd_participant(args: argparse.Namespace) -> int:
 
             storage = await open_storage(args.storage)
         registry = _metrics_registry(args)
-        participant: Any = Participant(args.service, sagas, bootstrap=_bootstrap(args),
-                                       prefix=args.prefix or "sagaz",
-                                       inbox=storage.replies if storage else None,
-                                       registry=registry)
+        participant = Participant(args.service, sagas, bootstrap=_bootstrap(args),
+                                  prefix=args.prefix or "sagaz",
+                                  inbox=storage.replies if storage else None,
+                                  datadir=args.datadir, concurrency=args.concurrency,
+                                  registry=registry, security=security)
         health = await _serve_health(args, registry, live=participant.live,
                                      ready=participant.ready, details=participant.health)
         loop = asyncio.get_running_loop()
@@ -85,10 +105,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     from sagaz.client import SagaClient
 
     data = _json_arg("--data", args.data)
+    security = _security(args)
 
     async def main() -> None:
         async with SagaClient(_bootstrap(args), prefix=args.prefix or "sagaz",
-                              listen=args.wait) as client:
+                              listen=args.wait, security=security) as client:
             sid = await client.start(args.saga, data, idempotency_key=args.idempotency_key)
             print(sid)
             if args.wait:
@@ -128,9 +149,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     from sagaz.client import SagaClient
 
+    security = _security(args)
+
     async def main() -> None:
         async with SagaClient(_bootstrap(args), prefix=args.prefix or "sagaz",
-                              listen=args.wait) as client:
+                              listen=args.wait, security=security) as client:
             await client.retry_compensations(args.saga_id)
             print(f"retry requested for {args.saga_id}")
             if args.wait:
@@ -212,7 +235,8 @@ async def _run_outbox(args: argparse.Namespace, storage: Any) -> None:
     configure(args.log_level or "info", args.log_format)
     broker_url = args.broker or os.environ.get("SAGAZ_BROKER_URL") or \
         f"kafka://{_bootstrap(args)}"
-    broker = broker_from_url(broker_url)
+    kafka = broker_url.startswith("kafka://")
+    broker = broker_from_url(broker_url, security=_security(args) if kafka else None)
     registry = _metrics_registry(args)
     worker = OutboxWorker(storage.outbox, broker, batch_size=args.batch_size,
                           poll_interval=args.poll_interval, max_attempts=args.max_attempts,
@@ -257,6 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefix", help="topic prefix (default: sagaz)")
     ap.add_argument("--log-format", choices=["text", "json"], default="text",
                     help="log lines for worker and participant processes")
+    sec = ap.add_argument_group(
+        "Kafka security", "for every command that connects to Kafka; each flag defaults to "
+        "its SAGAZ_KAFKA_* variable (the password and key password best come from "
+        "SAGAZ_KAFKA_SASL_PASSWORD and SAGAZ_KAFKA_SSL_KEY_PASSWORD: flags show in ps)")
+    sec.add_argument("--kafka-security-protocol",
+                     choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
+                     help="$SAGAZ_KAFKA_SECURITY_PROTOCOL (default PLAINTEXT)")
+    sec.add_argument("--kafka-sasl-mechanism", choices=["PLAIN", "SCRAM-SHA-256",
+                                                        "SCRAM-SHA-512"],
+                     help="$SAGAZ_KAFKA_SASL_MECHANISM (required with SASL_*)")
+    sec.add_argument("--kafka-sasl-username", help="$SAGAZ_KAFKA_SASL_USERNAME")
+    sec.add_argument("--kafka-sasl-password", help="$SAGAZ_KAFKA_SASL_PASSWORD")
+    sec.add_argument("--kafka-ssl-cafile",
+                     help="PEM CA certificates ($SAGAZ_KAFKA_SSL_CAFILE; default: system CAs)")
+    sec.add_argument("--kafka-ssl-certfile",
+                     help="PEM client certificate for mutual TLS ($SAGAZ_KAFKA_SSL_CERTFILE)")
+    sec.add_argument("--kafka-ssl-keyfile",
+                     help="PEM private key of the client certificate "
+                          "($SAGAZ_KAFKA_SSL_KEYFILE; key password: $SAGAZ_KAFKA_SSL_KEY_PASSWORD)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("worker", help="run an orchestrator stream worker")
@@ -272,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", required=True)
     p.add_argument("--sagas", nargs="+", required=True)
     p.add_argument("--storage", help="keep replies in postgresql://... or redis://... "
-                                     "(default: in memory, gone on restart)")
+                                     "(default: a RocksDB inbox backed by a compacted Kafka "
+                                     "topic, restored on restart)")
+    p.add_argument("--datadir", help="where the default inbox keeps its RocksDB files "
+                                     "(default: a temporary directory, restored from Kafka)")
+    p.add_argument("--concurrency", type=int, default=64,
+                   help="commands run at once (a step's commands stay in order)")
     _metrics_options(p)
     p.add_argument("--log-level")
     p.set_defaults(fn=cmd_participant)

@@ -31,6 +31,7 @@ import orjson
 from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.messages import MAX_MESSAGE_BYTES
+from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import topic_partition
 
 #: Bytes of a saga row that are not its data: state, step records, inbox of event ids.
@@ -49,7 +50,8 @@ class SagaClient:
                  listen: bool = True, keep_outcomes: int = 10_000,
                  keep_outcomes_for: float = 600.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 on_outcome: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_outcome: Callable[[dict[str, Any]], None] | None = None,
+                 security: KafkaSecurity | None = None) -> None:
         for name, value, low in (("keep_outcomes", keep_outcomes, 0),
                                  ("keep_outcomes_for", keep_outcomes_for, 0),
                                  ("max_message_bytes", max_message_bytes, ROW_HEADROOM + 1024)):
@@ -58,6 +60,7 @@ class SagaClient:
         self.bootstrap = bootstrap
         self.keep_outcomes_for = keep_outcomes_for
         self.max_message_bytes = max_message_bytes
+        self.security = security  # SASL/TLS of its Kafka clients; None: PLAINTEXT
         self.prefix = prefix
         self.url = url.rstrip("/") if url else None
         self.listen = listen
@@ -71,7 +74,11 @@ class SagaClient:
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
 
     async def __aenter__(self) -> SagaClient:
-        await self.start_client()
+        try:
+            await self.start_client()
+        except BaseException:  # e.g. KafkaConnectError: leave no client open
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -81,13 +88,16 @@ class SagaClient:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                         enable_idempotence=True, linger_ms=1)
-        await self.producer.start()
+                                         enable_idempotence=True, linger_ms=1,
+                                         **options(self.security))
+        await start_client(self.producer, self.bootstrap, self.security, what="saga client")
         if self.listen:
             topic = f"{self.prefix}.outcomes"
             self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                              enable_auto_commit=False)
-            await self._consumer.start()
+                                              enable_auto_commit=False,
+                                              **options(self.security))
+            await start_client(self._consumer, self.bootstrap, self.security,
+                               what="saga client")
             partitions = await self._wait_for_partitions(topic)
             tps = [topic_partition(topic, p) for p in partitions]
             self._consumer.assign(tps)

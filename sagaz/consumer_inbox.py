@@ -23,6 +23,7 @@ import orjson
 
 from sagaz.errors import describe
 from sagaz.messages import dead_letter_headers
+from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.storage import Handler, Storage, check_inbox_args
 from sagaz.topics import ensure_topics
 
@@ -70,7 +71,8 @@ class InboxConsumer:
     def __init__(self, storage: Storage, consumer_name: str, topics: list[str],
                  handler: Handler, *, bootstrap: str, group_id: str | None = None,
                  dead_letter_topic: str | None = None, max_attempts: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+                 backoff: float = 0.5, max_backoff: float = 30.0,
+                 security: KafkaSecurity | None = None) -> None:
         self.inbox = ConsumerInbox(storage, consumer_name)
         if not topics or not all(isinstance(t, str) and t for t in topics):
             raise ValueError(f"topics must be a non-empty list of topic names, got {topics!r}")
@@ -82,6 +84,7 @@ class InboxConsumer:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         self.topics, self.handler, self.bootstrap = list(topics), handler, bootstrap
         self.group_id = group_id or consumer_name
+        self.security = security  # SASL/TLS of its Kafka clients; None: PLAINTEXT
         self.dead_letter_topic = dead_letter_topic or f"{consumer_name}.dead-letters"
         self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
         self.handled = self.dead_lettered = 0
@@ -94,16 +97,23 @@ class InboxConsumer:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         counts = await ensure_topics(self.bootstrap, dict.fromkeys(self.topics, 1),
-                                     check=False, create=False)
+                                     check=False, create=False, security=self.security)
         await ensure_topics(self.bootstrap,
                             {self.dead_letter_topic: max(counts.values(), default=1)},
-                            check=False)
+                            check=False, security=self.security)
         consumer = AIOKafkaConsumer(*self.topics, bootstrap_servers=self.bootstrap,
                                     group_id=self.group_id, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True)
-        await consumer.start()
-        await producer.start()
+                                    auto_offset_reset="earliest", **options(self.security))
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
+                                    **options(self.security))
+        what = f"inbox consumer {self.group_id!r}"
+        try:
+            await start_client(consumer, self.bootstrap, self.security, what=what)
+            await start_client(producer, self.bootstrap, self.security, what=what)
+        except BaseException:  # neither may be left open (stop() is idempotent)
+            await consumer.stop()
+            await producer.stop()
+            raise
         try:
             while not self._stopping.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=500)

@@ -51,6 +51,7 @@ from sagaz.definition import Saga, Step
 from sagaz.errors import describe
 from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
+from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import ensure_topics
 
 log = logging.getLogger("sagaz.participant")
@@ -70,11 +71,13 @@ class Participant:
                  concurrency: int = 64, commit_interval: float = 0.2,
                  shutdown_timeout: float = 10.0, max_crashes: int = 3,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 tracer: Any = None, registry: Any = None) -> None:
+                 tracer: Any = None, registry: Any = None,
+                 security: KafkaSecurity | None = None) -> None:
         """``inbox``: None (the durable ``ChangelogInbox``, its RocksDB under ``datadir``,
         a temporary directory when None: restored from Kafka on every start), or
         ``storage.replies`` / ``MemoryInbox()``. ``registry``: a prometheus_client
-        CollectorRegistry for the participant's metrics; None: no metrics."""
+        CollectorRegistry for the participant's metrics; None: no metrics. ``security``:
+        SASL/TLS settings of its Kafka clients (None: PLAINTEXT)."""
         if not service or not all(c.isalnum() or c in "._-" for c in service):
             raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
         _positive("max_batch", max_batch)
@@ -85,6 +88,7 @@ class Participant:
         _positive("shutdown_timeout", shutdown_timeout, (int, float), 0)
         self.service = service
         self.bootstrap = bootstrap
+        self.security = security
         self.prefix = prefix
         self.topic = f"{prefix}.participant.{service}"
         self.results_topic = f"{prefix}.results"
@@ -156,7 +160,8 @@ class Participant:
         if self.inbox is None:
             for _ in range(120):  # the orchestrator worker creates the topics: wait for it
                 partitions = (await ensure_topics(self.bootstrap, {self.topic: 1},
-                                                  check=False, create=False)).get(self.topic)
+                                                  check=False, create=False,
+                                                  security=self.security)).get(self.topic)
                 if partitions is not None or self._stopping.is_set():
                     break
                 await asyncio.sleep(0.5)
@@ -164,26 +169,35 @@ class Participant:
                 raise RuntimeError(f"topic {self.topic!r} does not exist after 60 s: start "
                                    f"an orchestrator worker (it creates the topics) first")
             await ensure_topics(self.bootstrap, {self.inbox_topic: partitions},
-                                configs={"cleanup.policy": "compact"})
+                                configs={"cleanup.policy": "compact"},
+                                security=self.security)
             datadir = self.datadir
             if datadir is None:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix=f"sagaz-{self.service}-")
                 datadir = self._tmpdir.name
             self._changelog = ChangelogInbox(self.inbox_topic, datadir,
-                                             bootstrap=self.bootstrap)
+                                             bootstrap=self.bootstrap,
+                                             client_options=options(self.security))
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, enable_idempotence=True, linger_ms=0,
-            max_request_size=max(1_048_576, self.max_message_bytes + 65_536))
+            max_request_size=max(1_048_576, self.max_message_bytes + 65_536),
+            **options(self.security))
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=f"{self.prefix}.participant.{self.service}",
             enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_records=self.max_batch)
-        await self.producer.start()
-        if self._changelog is not None:
-            self._changelog.producer = self.producer
-        self.consumer.subscribe([self.topic], listener=Listener())
-        await self.consumer.start()
+            max_poll_records=self.max_batch, **options(self.security))
+        what = f"participant {self.service!r}"
+        try:
+            await start_client(self.producer, self.bootstrap, self.security, what=what)
+            if self._changelog is not None:
+                self._changelog.producer = self.producer
+            self.consumer.subscribe([self.topic], listener=Listener())
+            await start_client(self.consumer, self.bootstrap, self.security, what=what)
+        except BaseException:  # neither may be left open (stop() is idempotent)
+            await self.producer.stop()
+            await self.consumer.stop()
+            raise
 
     async def stop(self) -> None:
         self._stopping.set()

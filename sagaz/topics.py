@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from sagaz.security import KafkaSecurity, options, start_client
+
 
 def topic_partition(topic: str, partition: int) -> Any:
     """aiokafka's TopicPartition, imported when first needed (aiokafka is optional)."""
@@ -26,8 +28,12 @@ class TopicMismatch(RuntimeError):
 async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
                         replication: int = 1, check: bool = True,
                         create: bool = True,
-                        configs: Mapping[str, str] | None = None) -> dict[str, int]:
+                        configs: Mapping[str, str] | None = None,
+                        security: KafkaSecurity | None = None) -> dict[str, int]:
     """Create missing topics (unless ``create`` is false); return their partition counts.
+
+    ``security``: SASL/TLS settings of the admin client (None: PLAINTEXT). A cluster that
+    cannot be reached or refuses the credentials raises KafkaConnectError, in bounded time.
 
     With ``check``, raise TopicMismatch naming each topic whose count differs (a missing
     topic counts as different only when it was to be created). ``configs`` are topic
@@ -36,8 +42,9 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int], *,
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await admin.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000,
+                                **options(security))
+    await start_client(admin, bootstrap, security, what="topic admin client")
     try:
         existing = await _partition_counts(admin, list(partitions))
         missing = [NewTopic(name, n, replication, topic_configs=dict(configs or {}))

@@ -128,6 +128,9 @@ class OrchestratorApp:
             web_port=settings.web_port,
             canonical_url=settings.canonical_url,
             web_tables_enabled=False,  # saga rows are served by our views only
+            # SASL/TLS: faust hands these to its consumer, producer and topic creation
+            broker_credentials=(settings.security.faust_credentials()
+                                if settings.security is not None else None),
             table_cleanup_interval=3600,
             **self._log_options(settings),
             **settings.extra,
@@ -166,13 +169,18 @@ class OrchestratorApp:
     async def declare_topics(self) -> None:
         """Create the topics; refuse to run when a co-partitioned one has another count."""
         n = self.settings.partitions
-        await ensure_topics(self.settings.bootstrap, dict.fromkeys(self.topics.inputs, n))
+        # The first call is also the connection check: wrong credentials or an unreachable
+        # listener end the start here with KafkaConnectError, before Faust would retry.
+        security = self.settings.security
+        await ensure_topics(self.settings.bootstrap, dict.fromkeys(self.topics.inputs, n),
+                            security=security)
         self._counts = await ensure_topics(self.settings.bootstrap, {
             self.topics.outcomes: n, self.topics.dead_letters: n,
             **{self.topics.participant(p): n for p in self.orchestrator.participants()},
-        }, check=False)
+        }, check=False, security=security)
         # Faust creates the changelog (compacted) itself; only its count is checked here.
-        await ensure_topics(self.settings.bootstrap, {self.changelog_topic: n}, create=False)
+        await ensure_topics(self.settings.bootstrap, {self.changelog_topic: n}, create=False,
+                            security=security)
 
     async def prepare(self) -> None:
         """Everything a worker needs before Faust starts: its data directory and topics."""

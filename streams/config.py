@@ -1,4 +1,8 @@
-"""Worker settings: from arguments or SAGAZ_* environment variables, each checked."""
+"""Worker settings: from arguments or SAGAZ_* environment variables, each checked.
+
+Kafka security (SASL, TLS) is one ``sagaz.security.KafkaSecurity`` value, ``security``,
+read from the SAGAZ_KAFKA_* variables by ``from_env``; None is PLAINTEXT.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any
 from sagaz.definition import Saga
 from sagaz.errors import mask_url
 from sagaz.messages import MAX_MESSAGE_BYTES
+from sagaz.security import KafkaSecurity, KafkaSecurityError
 
 
 class ConfigError(ValueError):
@@ -52,6 +57,9 @@ class Settings:
     stall_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object per line
+    # SASL/TLS of every Kafka client of the worker: Faust's consumer, producer and topic
+    # creation, and the topic checks before it starts. None: PLAINTEXT.
+    security: KafkaSecurity | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # passed to faust.App
 
     def __post_init__(self) -> None:
@@ -98,6 +106,9 @@ class Settings:
             raise bad("log_level", "must be debug, info, warning, error or critical")
         if self.log_format not in ("text", "json"):
             raise bad("log_format", "must be text or json")
+        if self.security is not None and not isinstance(self.security, KafkaSecurity):
+            raise ConfigError(f"setting security must be a sagaz.security.KafkaSecurity "
+                              f"(or None for PLAINTEXT), got {type(self.security).__name__}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -107,9 +118,14 @@ class Settings:
             values["bootstrap"] = env["KAFKA_BOOTSTRAP_SERVERS"]
         for f in fields(cls):
             raw = env.get(f"SAGAZ_{f.name.upper()}")
-            if raw is None or f.name == "extra":
+            if raw is None or f.name in ("extra", "security"):
                 continue
             values[f.name] = _parse(f.name, f.type, raw)
+        if overrides.get("security") is None:  # else the given one replaces SAGAZ_KAFKA_*
+            try:
+                values["security"] = KafkaSecurity.from_env(env)
+            except KafkaSecurityError as exc:
+                raise ConfigError(str(exc)) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("sagas"), str):
             values["sagas"] = _split(values["sagas"])

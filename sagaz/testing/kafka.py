@@ -8,6 +8,17 @@ loopback ports with a small heap, waits until the broker answers a metadata requ
 stops it cleanly. The JVM dies with the Python process that started it (PR_SET_PDEATHSIG on
 Linux, plus an atexit hook), so a crashed test session leaves no orphan broker behind.
 
+Secured listeners, for the tests of secured clusters: ``LocalKafka(secure=("SASL_PLAINTEXT",
+"SSL", "SASL_SSL"), users={"alice": "..."})`` adds one listener per protocol beside the
+PLAINTEXT one (which stays the inter-broker listener and the readiness probe's door, so the
+broker needs no credentials for itself). SASL listeners accept PLAIN, SCRAM-SHA-256 and
+SCRAM-SHA-512; the SCRAM users are written into the KRaft metadata at format time
+(``StorageTool format --add-scram``). SSL listeners use a throwaway CA and broker certificate
+made with the ``openssl`` command in the work directory (PEM key stores, Kafka >= 2.7); the
+SSL listener requires a client certificate (``client_cert``/``client_key``, signed by the
+same CA), the SASL_SSL listener authenticates by SASL only. ``listener(protocol)`` gives the
+host:port of one listener; ``ca_file`` the CA that signed the broker's certificate.
+
 Command line::
 
     python -m sagaz.testing.kafka resolve          # fetch the jars into the cache
@@ -30,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -119,6 +131,9 @@ log4j.logger.state.change.logger=WARN
 """
 
 
+_SECURE_PROTOCOLS = ("SASL_PLAINTEXT", "SSL", "SASL_SSL")
+
+
 class LocalKafka:
     """One KRaft broker+controller on 127.0.0.1. Use as a context manager or start()/stop()."""
 
@@ -130,9 +145,23 @@ class LocalKafka:
         heap: str = "512m",
         partitions: int = 1,
         start_timeout: float = 90.0,
+        secure: Iterable[str] = (),
+        users: Mapping[str, str] | None = None,
     ) -> None:
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
+        self.secure = tuple(dict.fromkeys(secure))
+        unknown = set(self.secure) - set(_SECURE_PROTOCOLS)
+        if unknown:
+            raise ValueError(f"secure listeners must be among {', '.join(_SECURE_PROTOCOLS)}, "
+                             f"got {sorted(unknown)}")
+        self.users = dict(users if users is not None else {"sagaz": "sagaz-secret"})
+        for name, password in self.users.items():
+            # StorageTool's --add-scram syntax and the JAAS line cannot quote these
+            if not name or not password or any(c in name + password for c in ',[]="\\ '):
+                raise ValueError(f"user names and passwords must be non-empty and without "
+                                 f"',[]=\" \\' or spaces, got user {name!r}")
+        self.secure_ports = {p: free_port() for p in self.secure}
         self.port = port or free_port()
         self.controller_port = free_port()
         self._own_workdir = workdir is None
@@ -151,17 +180,110 @@ class LocalKafka:
     def log_file(self) -> Path:
         return self.workdir / "server.log"
 
+    def listener(self, protocol: str) -> str:
+        """host:port of the listener speaking ``protocol`` (PLAINTEXT or one of ``secure``)."""
+        if protocol == "PLAINTEXT":
+            return self.bootstrap_servers
+        if protocol not in self.secure_ports:
+            raise ValueError(f"this broker has no {protocol} listener (secure={self.secure})")
+        return f"127.0.0.1:{self.secure_ports[protocol]}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.workdir / "tls"
+
+    @property
+    def ca_file(self) -> str:
+        """The CA certificate (PEM) that signed the broker's and the client's certificates."""
+        return str(self.tls_dir / "ca.pem")
+
+    @property
+    def client_cert(self) -> str:
+        return str(self.tls_dir / "client.pem")
+
+    @property
+    def client_key(self) -> str:
+        return str(self.tls_dir / "client.key")
+
+    def _make_certificates(self) -> None:
+        """A CA, a broker certificate for 127.0.0.1/localhost and a client certificate."""
+        openssl = _require("openssl", "to make the test broker's TLS certificates")
+        d = self.tls_dir
+        d.mkdir(parents=True, exist_ok=True)
+
+        def run(*args: str) -> None:
+            proc = subprocess.run([openssl, *args], capture_output=True, text=True, cwd=d)
+            if proc.returncode != 0:
+                raise KafkaToolError(f"openssl {' '.join(args)} failed:\n{proc.stderr}")
+
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=sagaz test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        for name, san in (("broker", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:client")):
+            (d / f"{name}.ext").write_text(
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth,clientAuth\nsubjectKeyIdentifier=hash\n"
+                f"authorityKeyIdentifier=keyid\nsubjectAltName={san}\n")
+            run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                "-extfile", f"{name}.ext")
+        # Kafka's PEM key store: the private key (PKCS#8) followed by the certificate chain
+        (d / "broker-keystore.pem").write_text((d / "broker.key").read_text()
+                                               + (d / "broker.pem").read_text())
+
+    def _secure_props(self) -> dict[str, str]:
+        if not self.secure:
+            return {}
+        props: dict[str, str] = {}
+        if any("SSL" in p for p in self.secure):
+            props.update({
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": str(self.tls_dir / "broker-keystore.pem"),
+                "ssl.truststore.type": "PEM",
+                "ssl.truststore.location": self.ca_file,
+            })
+        if "SSL" in self.secure:
+            props["listener.name.ssl.ssl.client.auth"] = "required"
+        plain = " ".join(f'user_{u}="{pw}"' for u, pw in self.users.items())
+        for p in self.secure:
+            if p.startswith("SASL_"):
+                name = p.lower()
+                props[f"listener.name.{name}.sasl.enabled.mechanisms"] = \
+                    "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+                props[f"listener.name.{name}.plain.sasl.jaas.config"] = \
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};"
+                for m in ("scram-sha-256", "scram-sha-512"):
+                    props[f"listener.name.{name}.{m}.sasl.jaas.config"] = \
+                        "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return props
+
+    def _scram_args(self) -> list[str]:
+        if not any(p.startswith("SASL_") for p in self.secure):
+            return []
+        return [arg for user, pw in self.users.items()
+                for m in ("SCRAM-SHA-256", "SCRAM-SHA-512")
+                for arg in ("--add-scram", f"{m}=[name={user},password={pw}]")]
+
     def _write_config(self) -> Path:
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
+        # One listener per secured protocol, named after it, beside PLAINTEXT (inter-broker)
+        broker_listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"] + [
+            f"{p}://127.0.0.1:{port}" for p, port in self.secure_ports.items()]
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
-                         f"CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listeners": ",".join([*broker_listeners,
+                                   f"CONTROLLER://127.0.0.1:{self.controller_port}"]),
+            "advertised.listeners": ",".join(broker_listeners),
+            "listener.security.protocol.map": ",".join(
+                ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT",
+                 *(f"{p}:{p}" for p in self.secure)]),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(data),
@@ -176,6 +298,7 @@ class LocalKafka:
             "num.network.threads": "2",
             "num.io.threads": "2",
             "log.flush.interval.ms": "60000",
+            **self._secure_props(),
         }
         cfg = self.workdir / "server.properties"
         cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -194,13 +317,15 @@ class LocalKafka:
     def start(self) -> LocalKafka:
         t0 = time.monotonic()
         libs = resolve()
+        if any("SSL" in p for p in self.secure) and not (self.tls_dir / "ca.pem").exists():
+            self._make_certificates()
         cfg = self._write_config()
         if not (self.workdir / "data" / "meta.properties").exists():  # else: a restart
             cluster_id = "-"
             while cluster_id.startswith("-"):  # StorageTool reads a leading '-' as an option
                 cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(self._java(libs, "kafka.tools.StorageTool", "format", "-t",
-                                            cluster_id, "-c", str(cfg)),
+                                            cluster_id, "-c", str(cfg), *self._scram_args()),
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
                 raise KafkaToolError(f"formatting KRaft storage failed:\n{fmt.stdout}"
