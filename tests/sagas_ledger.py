@@ -34,3 +34,18 @@ async def confirm(ctx: SagaContext) -> dict[str, int]:
     await asyncio.sleep(ctx.get("delay", 0))
     _append("confirm", ctx)
     return {"pid": os.getpid()}
+
+
+crasher = Saga("crasher", timeout=120)
+
+
+@crasher.step(participant="crashy")
+async def explode(ctx: SagaContext) -> None:
+    """Kills its own process, as a segfault or an OOM kill would."""
+    _append("explode", ctx)
+    os._exit(3)
+
+
+@explode.compensation
+async def tidy(ctx: SagaContext) -> None:
+    _append("tidy", ctx)

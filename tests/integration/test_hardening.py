@@ -416,3 +416,39 @@ async def dead_letters_of(bootstrap: str, topic: str, expect: int) -> list[Any]:
     finally:
         await consumer.stop()
     return got
+
+
+async def test_a_command_that_keeps_killing_the_participant_is_dead_lettered(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    """Item 6: a step that kills its process is run at most max_crashes (3) times across
+    restarts; then its command goes to the dead-letter topic and the saga gets a failure,
+    so the partition moves on."""
+    from tests import sagas_ledger
+
+    ledger = str(tmp_path / "ledger")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAGAZ_TEST_LEDGER": ledger}
+    with open(tmp_path / "participant.log", "ab") as log:
+        async with stack(kafka_bootstrap, topic_prefix, tmp_path, [sagas_ledger.crasher],
+                         []) as st:
+            sid = await st.client.start("crasher", {})
+            waiting = asyncio.create_task(st.client.wait(sid, timeout=120))
+            exits = []
+            for _ in range(6):  # a supervisor restarting the crashed process
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "sagaz.cli", "--bootstrap", kafka_bootstrap,
+                    "--prefix", topic_prefix, "participant", "--service", "crashy",
+                    "--sagas", "tests.sagas_ledger", stdout=log, stderr=log, env=env)
+                done, _ = await asyncio.wait({waiting, asyncio.ensure_future(proc.wait())},
+                                             timeout=60, return_when=asyncio.FIRST_COMPLETED)
+                if waiting in done:
+                    proc.terminate()
+                    await proc.wait()
+                    break
+                exits.append(proc.returncode)
+            outcome = waiting.result()
+    assert exits == [3, 3, 3]  # three runs killed it; the fourth delivery was not run
+    assert outcome["status"] == "compensated" and outcome["failed_step"] == "explode"
+    assert "was started 3 times without an answer" in outcome["error"]
+    assert open(ledger).read().split().count("explode") == 3
+    [letter] = await dead_letters(kafka_bootstrap, topic_prefix, 1)
+    assert b"started 3 times" in dict(letter.headers)["sagaz-reason"]
