@@ -158,18 +158,22 @@ class InboxConsumer:
                                                     payload, handle)
                 self.handled += 1
                 return True
-            except _HandlerFailed as exc:  # retried in place: order and no loss come first
-                attempt += 1
-                if attempt >= self.max_attempts:
-                    return await self._dead_letter(
-                        record, producer, f"handler failed {attempt} times: {exc}")
-                delay = self.backoff * 2 ** (attempt - 1)
-            except Exception as exc:  # storage unreachable: wait it out, count nothing
-                outage += 1
-                log.warning("event %s of %s:%s@%s not handled yet (attempt not counted): %s",
-                            event_id, record.topic, record.partition, record.offset,
-                            describe(exc))
-                delay = self.backoff * 2 ** min(outage - 1, 10)
+            except Exception as exc:
+                if isinstance(exc, _HandlerFailed) or not is_infrastructure_error(exc):
+                    # the record's own failure: retried in place (order and no loss come
+                    # first), then dead-lettered
+                    attempt += 1
+                    if attempt >= self.max_attempts:
+                        reason = str(exc) if isinstance(exc, _HandlerFailed) else describe(exc)
+                        return await self._dead_letter(
+                            record, producer, f"handler failed {attempt} times: {reason}")
+                    delay = self.backoff * 2 ** (attempt - 1)
+                else:  # storage unreachable: wait it out, count nothing
+                    outage += 1
+                    log.warning("event %s of %s:%s@%s not handled yet (attempt not counted): "
+                                "%s", event_id, record.topic, record.partition, record.offset,
+                                describe(exc))
+                    delay = self.backoff * 2 ** min(outage - 1, 10)
             try:
                 await asyncio.wait_for(self._stopping.wait(), min(self.max_backoff, delay))
                 return False
@@ -207,9 +211,10 @@ class _HandlerFailed(Exception):
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:
-    """Whether an error (or one it was raised from) says a dependency is unreachable or
-    slow: a connection error or time-out of the OS, asyncpg or redis, rather than a
-    verdict on the record."""
+    """Whether an error (or the one it was raised from, ``raise ... from``) says a
+    dependency is unreachable or slow: a connection error or time-out of the OS, asyncpg or
+    redis, rather than a verdict on the record. Only explicit causes are followed: an error
+    raised while handling another (``__context__``) is judged on its own."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -220,7 +225,7 @@ def is_infrastructure_error(exc: BaseException) -> bool:
         if kind.__module__.split(".")[0] in ("asyncpg", "redis") and any(
                 word in kind.__name__ for word in _INFRA_WORDS):
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__
     return False
 
 

@@ -8,9 +8,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sagaz.result import SagaResult
 
-# scheme://user:password@ -- the password runs to the last '@' before the end of the
-# authority (whitespace, '/', '?' or '#'), so a raw '@' or ':' in it is masked too.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#\s]*):[^\s/?#]*@")
+# scheme://user:password@ -- the password runs to the last '@' of the URL (up to
+# whitespace or a quote), so a raw '@', ':', '/', '?' or '#' in it is masked too (and in a
+# rare URL with '@' in its path, a little more than the password).
+# Not when what follows the ':' is a port and a path ('http://host:8080/a@b').
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#\s'\"]*):(?!\d+(?:[/?#]|$))[^\s'\"]*@")
+# ...?password=secret (libpq and redis URLs take it as a query parameter too)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd)=)[^&;\s'\"]*",
+                             re.IGNORECASE)
 
 
 def mask_url(text: str) -> str:
@@ -20,7 +26,7 @@ def mask_url(text: str) -> str:
     A regex over any text, not a URL parser, so it also cleans the message of a
     third-party exception that embeds the URL, a repr, or a log line with several URLs.
     Every URL sagaz puts in a log line, an error or a view goes through it."""
-    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    return _QUERY_PASSWORD.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>:***@", text))
 
 
 def url_for_error(url: str) -> str:

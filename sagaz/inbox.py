@@ -61,9 +61,11 @@ class ChangelogInbox:
     (from the offset it had reached, or from the start with an empty data directory: a
     participant restarted on another node still knows what it did). A record is written to
     the changelog, acknowledged by the broker, and then applied locally. Two kinds of
-    record, one key (the command id): ``S<n>``, the command was started n times (so a
-    command that keeps crashing the process is recognised), and ``R<reply>``, its reply
-    (which compaction then keeps in place of the start count).
+    record, one key (``c:`` and the command id): ``S<n>``, the command was started n times
+    (so a command that keeps crashing the process is recognised), and ``R<reply>``, its
+    reply (which compaction then keeps in place of the start count). The topic is
+    ``compact,delete``: what is older than its retention (``INBOX_RETENTION_MS`` of the
+    participant, 14 days) is forgotten.
 
     One owner per partition at a time (the consumer group's assignment); ``get`` reads the
     local database only, and waits while its partition is being restored (the consumer may
@@ -99,7 +101,7 @@ class ChangelogInbox:
             self._ready[p] = asyncio.Event()
         dbs = {p: self._open(p) for p in fresh}
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    **self.client_options)
+                                    auto_offset_reset="earliest", **self.client_options)
         await consumer.start()
         try:
             tps = [topic_partition(self.topic, p) for p in fresh]
@@ -129,7 +131,9 @@ class ChangelogInbox:
                         del todo[tp]
         except BaseException:
             for p in fresh:
-                self._ready.pop(p, None)
+                ready = self._ready.pop(p, None)
+                if ready is not None:
+                    ready.set()  # a waiting get() finds the partition unrestored
                 dbs[p].close()
             raise
         finally:
@@ -162,7 +166,7 @@ class ChangelogInbox:
         if db is None:
             raise PartitionRevoked(f"inbox partition {partition} of {self.topic!r} was "
                                    f"revoked while it was being restored")
-        raw = db.get(command_id.encode())
+        raw = db.get(b"c:" + command_id.encode())
         if raw is None:
             return None, 0
         if raw[:1] == b"R":
@@ -176,7 +180,7 @@ class ChangelogInbox:
         await self._write(partition, command_id, b"R" + reply)
 
     async def _write(self, partition: int, command_id: str, value: bytes) -> None:
-        key = command_id.encode()
+        key = b"c:" + command_id.encode()  # never the offset key, whatever the id
         meta = await (await self.producer.send(self.topic, value, key=key,
                                                partition=partition))
         db = self._dbs.get(partition)

@@ -37,6 +37,7 @@ keyed by saga id, to ``{prefix}.results``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
@@ -57,6 +58,10 @@ from sagaz.topics import ensure_topics
 log = logging.getLogger("sagaz.participant")
 
 _COMMANDS = frozenset({"run", "compensate"})
+COMMIT_GRACE = 60.0  # seconds of failing offset commits before the participant is unready
+#: how long the inbox topic keeps what a participant did (compacted, then deleted): twice
+#: Kafka's default retention of the command topic it answers
+INBOX_RETENTION_MS = 14 * 24 * 3600 * 1000
 
 
 def _positive(name: str, value: Any, kind: Any = int, minimum: Any = 1) -> None:
@@ -125,6 +130,8 @@ class Participant:
         self._fatal: str | None = None
         self._loop_state: str | None = None  # None: not started; "running"; or why not
         self._assigned = False
+        self._commit_failing_since: float | None = None
+        self._commit_error: str | None = None
         self.consumer: Any = None
         self.producer: Any = None
 
@@ -136,12 +143,20 @@ class Participant:
                 and not (sender is not None and sender.done()))
 
     def ready(self) -> bool:
-        return self.live() and self._loop_state == "running" and self._assigned
+        """Live, its partitions assigned and restored, and offsets committing (commits
+        failing for over ``COMMIT_GRACE`` seconds make it unready)."""
+        failing = self._commit_failing_since
+        return (self.live() and self._loop_state == "running" and self._assigned
+                and (failing is None or time.monotonic() - failing < COMMIT_GRACE))
 
     def health(self) -> dict[str, Any]:
         """Details for /health: why the participant is not live or not ready."""
+        failing = self._commit_failing_since
         return {"loop": self._loop_state or "not started", "fatal": self._fatal,
-                "assigned": self._assigned, "running": len(self._tasks)}
+                "assigned": self._assigned, "running": len(self._tasks),
+                "commit_error": self._commit_error,
+                "commit_failing_for": None if failing is None
+                else round(time.monotonic() - failing, 1)}
 
     # -- lifecycle
 
@@ -169,7 +184,8 @@ class Participant:
                 raise RuntimeError(f"topic {self.topic!r} does not exist after 60 s: start "
                                    f"an orchestrator worker (it creates the topics) first")
             await ensure_topics(self.bootstrap, {self.inbox_topic: partitions},
-                                configs={"cleanup.policy": "compact"},
+                                configs={"cleanup.policy": "compact,delete",
+                                         "retention.ms": str(INBOX_RETENTION_MS)},
                                 security=self.security)
             datadir = self.datadir
             if datadir is None:
@@ -210,11 +226,14 @@ class Participant:
         paused = False
         try:
             while not self._stopping.is_set():
-                full = len(self._tasks) >= self.concurrency
-                if full != paused:  # keep polling (the group needs it), fetch nothing
-                    parts = self.consumer.assignment()
-                    self.consumer.pause(*parts) if full else self.consumer.resume(*parts)
-                    paused = full
+                # Full: keep polling (the group needs it) but fetch nothing. Paused again on
+                # every turn: a rebalance hands out partitions unpaused.
+                if len(self._tasks) >= self.concurrency:
+                    self.consumer.pause(*self.consumer.assignment())
+                    paused = True
+                elif paused:
+                    self.consumer.resume(*self.consumer.assignment())
+                    paused = False
                 batches = await self.consumer.getmany(
                     timeout_ms=100, max_records=max(1, min(
                         self.max_batch, self.concurrency - len(self._tasks))))
@@ -257,8 +276,12 @@ class Participant:
             await asyncio.sleep(self.commit_interval)
             try:
                 await self.commit()
+                self._commit_failing_since = self._commit_error = None
             except Exception as exc:  # a rebalance in progress: the next tick retries
                 log.warning("offset commit failed: %s", describe(exc))
+                self._commit_error = describe(exc)
+                if self._commit_failing_since is None:
+                    self._commit_failing_since = time.monotonic()
 
     async def commit(self, tps: Iterable[Any] | None = None) -> None:
         """Commit, per partition, up to the oldest command not yet answered."""
@@ -286,13 +309,21 @@ class Participant:
                 d.pop(tp, None)
         if self._changelog is not None:
             self._changelog.revoke([tp.partition for tp in revoked])
+        self._assigned = False  # until the next assignment is restored
 
     async def _assigned_to(self, assigned: list[Any]) -> None:
         if self._changelog is not None:
-            took = await self._changelog.assign([tp.partition for tp in assigned])
+            try:
+                took = await self._changelog.assign([tp.partition for tp in assigned])
+            except Exception as exc:  # aiokafka would only log it: make it seen
+                self._fatal = f"restoring the inbox of partitions " \
+                              f"{sorted(tp.partition for tp in assigned)} failed: " \
+                              f"{describe(exc)}"
+                log.error("%s", self._fatal)
+                return
             log.info("inbox partitions %s restored in %.3f s",
                      sorted(tp.partition for tp in assigned), took)
-        self._assigned = True
+        self._assigned = bool(self.consumer.assignment())
 
     # -- one command
 
@@ -327,9 +358,14 @@ class Participant:
             await (await self.producer.send(topic, value, key=key, headers=headers))
         except asyncio.CancelledError:
             raise
-        except PartitionRevoked as exc:  # its new owner answers it
-            log.info("command %s:%s@%s left to the partition's new owner: %s", record.topic,
-                     record.partition, record.offset, exc)
+        except PartitionRevoked as exc:
+            if tp not in self.consumer.assignment():  # its new owner answers it
+                log.info("command %s:%s@%s left to the partition's new owner: %s",
+                         record.topic, record.partition, record.offset, exc)
+                return
+            self._fatal = f"command {record.topic}:{record.partition}@{record.offset} " \
+                          f"not answered: {exc}"
+            log.error("%s", self._fatal)
             return
         except Exception as exc:
             # Not answered: the offset stays uncommitted; restart to deliver it again.
@@ -367,17 +403,28 @@ class Participant:
                 dead = self._dead_letter(record, reason)
                 await (await self.producer.send(dead[0], dead[2], key=dead[1],
                                                 headers=dead[3]))
-                reply, ok = self._reply(msg, False, None, reason, False, {}), False
+                # it may have applied its effect before the crash: compensated if aborted
+                reply = self._reply(msg, False, None, reason, False, {},
+                                    applied=msg["type"] == "run")
+                ok = False
             else:
                 if self._changelog is not None:
                     await self._changelog.started(record.partition, command_id, starts + 1)
-                if self.tracer is None:
-                    reply, ok = await self.execute(msg)
-                else:
-                    from sagaz.tracing import span_for_command
-
-                    with span_for_command(self.tracer, msg):
+                try:
+                    if self.tracer is None:
                         reply, ok = await self.execute(msg)
+                    else:
+                        from sagaz.tracing import span_for_command
+
+                        with span_for_command(self.tracer, msg):
+                            reply, ok = await self.execute(msg)
+                except asyncio.CancelledError:
+                    # Cancelled here (shutdown, revoke): not a crash. Count it back.
+                    if self._changelog is not None:
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(self._changelog.started(
+                                record.partition, command_id, starts))
+                    raise
             await self._record(record.partition, command_id, reply)
             fut.set_result(reply)
         except BaseException as exc:

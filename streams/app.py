@@ -72,6 +72,17 @@ class Metrics:
                                "copy could not be written", registry=self.registry)
 
 
+class _SagaTable(faust.Table):
+    """The saga table, remembering the future of its last changelog write: an input is
+    acked only once its row is in the changelog (faust only logs a failed write)."""
+
+    last_write: Any = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        self.last_write = fut = super().send_changelog(*args, **kwargs)
+        return fut
+
+
 class DeadLetterFailed(RuntimeError):
     """The dead-letter copy of an input could not be written."""
 
@@ -100,7 +111,6 @@ class OrchestratorApp:
         self.stalled: dict[Any, tuple[str, float]] = {}  # partition -> (reason, since)
         self._busy_since: float | None = None  # monotonic start of the input in hand
         self._agent_state: str | None = None  # None: not started; "running"; or why not
-        self._fatal: str | None = None  # a dead producer, seen by a send callback
         self._assignment: frozenset[Any] | None = None
         self._next_rescan = 0.0  # when to rescan the rows for expiries coming due
         self._counts: dict[str, int] = {}  # partition counts of the output topics
@@ -139,8 +149,9 @@ class OrchestratorApp:
                                 value_type=bytes, key_serializer="raw",
                                 value_serializer="raw")
         # bytes in, bytes out: rows are orjson documents that the agent encodes itself
-        self.table = app.Table("sagas", partitions=n, options=ROCKSDB_OPTIONS,
-                               key_type=bytes, value_type=bytes)
+        self.table = _SagaTable(app, name="sagas", beacon=app.tables.beacon, partitions=n,
+                                options=ROCKSDB_OPTIONS, key_type=bytes, value_type=bytes)
+        app.tables.add(self.table)
         app.agent(self.inputs, name="orchestrate")(self._agent)
         app.timer(interval=settings.timer_interval)(self._fire_timers)
         from streams.views import register
@@ -258,6 +269,8 @@ class OrchestratorApp:
         finally:
             _current_event.reset(token)
             self._busy_since = None
+        if tp in self.stalled:  # stalled while this input was in hand: it must not be acked
+            return
         queue = self._unacked.get(tp)
         if queue is None:
             queue = self._unacked[tp] = deque()
@@ -265,11 +278,14 @@ class OrchestratorApp:
         await self._ack_done(tp, queue)
 
     def _apply(self, event: Any, out: Any, futures: list[Any]) -> None:
+        """Write the row (its changelog record joins the input's futures) and arm timers."""
         if out.row is not None:
             self.table[event.key] = out.row
+            futures.append(self.table.last_write)
             self.metrics.events.labels("applied").inc()
         elif out.delete:
             del self.table[event.key]
+            futures.append(self.table.last_write)
             self.metrics.events.labels("expired").inc()
         else:
             self.metrics.events.labels("repeated" if out.sends else "stale").inc()
@@ -280,7 +296,7 @@ class OrchestratorApp:
 
     async def _ack_done(self, tp: Any, queue: deque[tuple[Any, list[Any], float]]) -> None:
         """Ack, in offset order, the inputs whose outputs the broker acknowledged."""
-        while queue:
+        while queue and tp not in self.stalled:
             event, futures, _ = queue[0]
             for fut in futures:
                 if not fut.done():
@@ -328,7 +344,9 @@ class OrchestratorApp:
             try:
                 fut = await producer.send(self.topics.dead_letters, value, key=key,
                                           headers=headers)
-                await asyncio.wait_for(fut, DEAD_LETTER_TIMEOUT)
+                # shielded: a slow attempt that succeeds later is not cancelled (nor sent
+                # again needlessly once it has been)
+                await asyncio.wait_for(asyncio.shield(fut), DEAD_LETTER_TIMEOUT)
                 return
             except Exception as exc:
                 error = exc

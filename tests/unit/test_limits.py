@@ -138,3 +138,29 @@ async def test_the_client_refuses_a_start_too_large_and_keeps_bounded_memory() -
                 {"max_message_bytes": 1000}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SagaClient("127.0.0.1:1", **bad)
+
+
+def test_only_connection_errors_and_time_outs_are_infrastructure() -> None:
+    from sagaz.consumer_inbox import is_infrastructure_error
+
+    assert is_infrastructure_error(ConnectionRefusedError("refused"))
+    assert is_infrastructure_error(TimeoutError())
+    try:
+        raise RuntimeError("wrapped") from OSError("network down")
+    except RuntimeError as exc:
+        assert is_infrastructure_error(exc)  # an explicit cause counts
+    try:
+        try:
+            raise FileNotFoundError("cache.json")
+        except FileNotFoundError:
+            raise ValueError("bad record") from None  # handling an OSError, not caused by it
+    except ValueError as exc:
+        assert not is_infrastructure_error(exc)
+    try:
+        try:
+            raise TimeoutError
+        except TimeoutError:
+            raise ValueError("a verdict on the record")  # noqa: B904 (context: a time-out)
+    except ValueError as exc:
+        assert not is_infrastructure_error(exc)
+    assert not is_infrastructure_error(TypeError("not JSON serialisable"))

@@ -23,6 +23,12 @@ SECRET = "S3cretPw"
     ("two: amqp://a:S3cretPw@x/ and postgresql+asyncpg://b:S3cretPw@y/z",
      "two: amqp://a:***@x/ and postgresql+asyncpg://b:***@y/z"),
     ("URL('amqp://a:S3cretPw@c')", "URL('amqp://a:***@c')"),
+    # '/', '#' and '?' in a password (found in review), and passwords as query parameters
+    ("postgresql://u:S3/cret@h/db", "postgresql://u:***@h/db"),
+    ("redis://:S3#cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("postgresql://h/db?user=a&password=S3cret&x=1", "postgresql://h/db?user=a&password=***&x=1"),
+    ("redis://h/0?PASSWORD=S3cret", "redis://h/0?PASSWORD=***"),
+    ("redis://:1234@h", "redis://:***@h"),
     # nothing to mask: no password, no user, a port, an '@' in the path
     ("postgresql://app@db:5432/app", "postgresql://app@db:5432/app"),
     ("kafka://k1:9092,k2:9092", "kafka://k1:9092,k2:9092"),
