@@ -280,12 +280,16 @@ class OrchestratorApp:
     def _apply(self, event: Any, out: Any, futures: list[Any]) -> None:
         """Write the row (its changelog record joins the input's futures) and arm timers."""
         if out.row is not None:
+            self.table.last_write = None
             self.table[event.key] = out.row
-            futures.append(self.table.last_write)
+            if self.table.last_write is not None:
+                futures.append(self.table.last_write)
             self.metrics.events.labels("applied").inc()
         elif out.delete:
+            self.table.last_write = None
             del self.table[event.key]
-            futures.append(self.table.last_write)
+            if self.table.last_write is not None:
+                futures.append(self.table.last_write)
             self.metrics.events.labels("expired").inc()
         else:
             self.metrics.events.labels("repeated" if out.sends else "stale").inc()
