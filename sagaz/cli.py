@@ -46,6 +46,17 @@ def _security(args: argparse.Namespace) -> Any:
                                      for name in _SECURITY_FLAGS})
 
 
+def _replication(args: argparse.Namespace) -> int:
+    """--replication, else $SAGAZ_REPLICATION, else 1."""
+    if args.replication is not None:
+        return int(args.replication)
+    raw = os.environ.get("SAGAZ_REPLICATION") or "1"
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"SAGAZ_REPLICATION must be an integer >= 1, got {raw!r}") from None
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -83,6 +94,7 @@ def cmd_participant(args: argparse.Namespace) -> int:
                                   prefix=args.prefix or "sagaz",
                                   inbox=storage.replies if storage else None,
                                   datadir=args.datadir, concurrency=args.concurrency,
+                                  replication=_replication(args),
                                   registry=registry, security=security)
         health = await _serve_health(args, registry, live=participant.live,
                                      ready=participant.ready, details=participant.health)
@@ -321,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: a temporary directory, restored from Kafka)")
     p.add_argument("--concurrency", type=int, default=64,
                    help="commands run at once (a step's commands stay in order)")
+    p.add_argument("--replication", type=int,
+                   help="replicas of the inbox topic it creates (default: $SAGAZ_REPLICATION "
+                        "or 1; 3 on a production cluster)")
     _metrics_options(p)
     p.add_argument("--log-level")
     p.set_defaults(fn=cmd_participant)

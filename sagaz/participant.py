@@ -75,13 +75,14 @@ class Participant:
                  datadir: str | None = None, max_batch: int = 500,
                  concurrency: int = 64, commit_interval: float = 0.2,
                  shutdown_timeout: float = 10.0, max_crashes: int = 3,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, replication: int = 1,
                  tracer: Any = None, registry: Any = None,
                  security: KafkaSecurity | None = None) -> None:
         """``inbox``: None (the durable ``ChangelogInbox``, its RocksDB under ``datadir``,
         a temporary directory when None: restored from Kafka on every start), or
         ``storage.replies`` / ``MemoryInbox()``. ``registry``: a prometheus_client
-        CollectorRegistry for the participant's metrics; None: no metrics. ``security``:
+        CollectorRegistry for the participant's metrics; None: no metrics. ``replication``:
+        replicas of the inbox topic it creates (3 on a production cluster). ``security``:
         SASL/TLS settings of its Kafka clients (None: PLAINTEXT)."""
         if not service or not all(c.isalnum() or c in "._-" for c in service):
             raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
@@ -89,6 +90,7 @@ class Participant:
         _positive("concurrency", concurrency)
         _positive("max_crashes", max_crashes)
         _positive("max_message_bytes", max_message_bytes, minimum=1024)
+        _positive("replication", replication)
         _positive("commit_interval", commit_interval, (int, float), 0.01)
         _positive("shutdown_timeout", shutdown_timeout, (int, float), 0)
         self.service = service
@@ -104,6 +106,7 @@ class Participant:
         self.max_batch, self.concurrency = max_batch, concurrency
         self.commit_interval, self.shutdown_timeout = commit_interval, shutdown_timeout
         self.max_crashes, self.max_message_bytes = max_crashes, max_message_bytes
+        self.replication = replication
         self.tracer = tracer  # an OpenTelemetry tracer: a span per command, in the saga's trace
         self.metrics = _Metrics(registry) if registry is not None else None
         self.steps: dict[tuple[str, str], Step] = {}
@@ -184,6 +187,7 @@ class Participant:
                 raise RuntimeError(f"topic {self.topic!r} does not exist after 60 s: start "
                                    f"an orchestrator worker (it creates the topics) first")
             await ensure_topics(self.bootstrap, {self.inbox_topic: partitions},
+                                replication=self.replication,
                                 configs={"cleanup.policy": "compact,delete",
                                          "retention.ms": str(INBOX_RETENTION_MS)},
                                 security=self.security)

@@ -121,6 +121,7 @@ class OrchestratorApp:
             store="rocksdb://",
             datadir=str(settings.tabledir),
             topic_partitions=n,
+            topic_replication_factor=settings.replication,
             processing_guarantee="at_least_once",
             consumer_auto_offset_reset="earliest",
             producer_linger=settings.producer_linger,
@@ -183,12 +184,13 @@ class OrchestratorApp:
         # The first call is also the connection check: wrong credentials or an unreachable
         # listener end the start here with KafkaConnectError, before Faust would retry.
         security = self.settings.security
+        replication = self.settings.replication
         await ensure_topics(self.settings.bootstrap, dict.fromkeys(self.topics.inputs, n),
-                            security=security)
+                            replication=replication, security=security)
         self._counts = await ensure_topics(self.settings.bootstrap, {
             self.topics.outcomes: n, self.topics.dead_letters: n,
             **{self.topics.participant(p): n for p in self.orchestrator.participants()},
-        }, check=False, security=security)
+        }, check=False, replication=replication, security=security)
         # Faust creates the changelog (compacted) itself; only its count is checked here.
         await ensure_topics(self.settings.bootstrap, {self.changelog_topic: n}, create=False,
                             security=security)

@@ -55,6 +55,9 @@ class Settings:
     # Seconds an input (or its outputs' acknowledgement) may be pending before the worker
     # reports itself not ready.
     stall_timeout: float = 30.0
+    # Replicas of every topic the worker creates (its inputs, outputs, and faust's table
+    # changelog): 1 for a local broker, 3 on a production cluster.
+    replication: int = 1
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object per line
     # SASL/TLS of every Kafka client of the worker: Faust's consumer, producer and topic
@@ -72,7 +75,7 @@ class Settings:
                 or any(c in h for c in "/@ ") for h in self.bootstrap.split(",")):
             # no scheme and no user:password@: Kafka credentials are SASL settings
             raise bad("bootstrap", "must be host:port[,host:port...]")
-        for name in ("partitions", "web_port", "inbox_size"):
+        for name in ("partitions", "web_port", "inbox_size", "replication"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "must be an integer >= 1")

@@ -164,3 +164,27 @@ def test_only_connection_errors_and_time_outs_are_infrastructure() -> None:
     except ValueError as exc:
         assert not is_infrastructure_error(exc)
     assert not is_infrastructure_error(TypeError("not JSON serialisable"))
+
+
+def test_replication_is_a_checked_setting_that_reaches_faust_and_the_cli(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from sagaz.cli import _replication
+    from sagaz.participant import Participant
+    from streams.app import OrchestratorApp
+    from streams.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="replication"):
+        Settings(replication=0)
+    oapp = OrchestratorApp(Settings(replication=3, datadir=str(tmp_path)), [saga])
+    assert oapp.app.conf.topic_replication_factor == 3
+    assert Settings.from_env({"SAGAZ_REPLICATION": "3"}).replication == 3
+    with pytest.raises(ValueError, match="replication"):
+        Participant("pay", [saga], bootstrap="127.0.0.1:1", replication=0)
+    monkeypatch.setenv("SAGAZ_REPLICATION", "3")
+    assert _replication(argparse.Namespace(replication=None)) == 3
+    assert _replication(argparse.Namespace(replication=2)) == 2
+    monkeypatch.setenv("SAGAZ_REPLICATION", "three")
+    with pytest.raises(ValueError, match="SAGAZ_REPLICATION must be an integer"):
+        _replication(argparse.Namespace(replication=None))
