@@ -142,7 +142,7 @@ class Participant:
 
     def live(self) -> bool:
         sender = getattr(getattr(self.producer, "_sender", None), "_sender_task", None)
-        return (self._fatal is None and self._loop_state in (None, "running")
+        return (self._fatal is None and self._loop_state in (None, "running", "stopping")
                 and not (sender is not None and sender.done()))
 
     def ready(self) -> bool:
@@ -244,7 +244,7 @@ class Participant:
                 for tp, records in batches.items():
                     for record in records:
                         self._spawn(tp, record)
-            self._loop_state = "stopped"
+            self._loop_state = "stopping"  # live while it drains; "stopped" once closed
         except BaseException as exc:
             self._loop_state = f"stopped: {describe(exc)}"
             raise
@@ -260,6 +260,8 @@ class Participant:
                     self._changelog.close()
                 if self._tmpdir is not None:
                     self._tmpdir.cleanup()
+                if self._loop_state == "stopping":
+                    self._loop_state = "stopped"
 
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """Let running commands finish (up to shutdown_timeout), cancel the rest."""

@@ -452,3 +452,52 @@ async def test_a_command_that_keeps_killing_the_participant_is_dead_lettered(
     assert open(ledger).read().split().count("explode") == 3
     [letter] = await dead_letters(kafka_bootstrap, topic_prefix, 1)
     assert b"started 3 times" in dict(letter.headers)["sagaz-reason"]
+
+
+async def test_a_participant_shutdown_cancels_a_long_step_which_runs_again_elsewhere(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    """Item 5 (shutdown): stop() waits shutdown_timeout for running steps, then cancels
+    them; their commands are not committed, so the next participant runs them again, and a
+    cancellation does not count toward max_crashes."""
+    from sagaz.participant import Participant
+
+    runs: list[str] = []
+    cancelled: list[str] = []
+
+    async def slow_once(ctx: SagaContext) -> int:
+        runs.append(ctx.saga_id)
+        if len(runs) == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(ctx.saga_id)
+                raise
+        return len(runs)
+
+    saga = Saga("slow")
+    saga.add_step("work", slow_once, participant="svc")
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [saga], ["svc"],
+                     participant_options={"shutdown_timeout": 0.5, "max_crashes": 1}) as st:
+        sid = await st.client.start("slow", {})
+        async with asyncio.timeout(30):
+            while not runs:
+                await asyncio.sleep(0.02)
+        first = st.participants[0]
+        t0 = time.monotonic()
+        await first.stop()
+        async with asyncio.timeout(15):  # it drains, cancels and closes
+            while first._loop_state != "stopped":
+                await asyncio.sleep(0.02)
+        assert time.monotonic() - t0 < 10 and cancelled == [sid]
+        second = Participant("svc", [saga], bootstrap=kafka_bootstrap, prefix=topic_prefix,
+                             max_crashes=1)
+        task = asyncio.create_task(second.run())
+        try:
+            outcome = await st.client.wait(sid, timeout=60)
+        finally:
+            await second.stop()
+            await task
+    # max_crashes=1: had the cancellation counted as a crash, the command would have been
+    # dead-lettered instead of run again
+    assert outcome["status"] == "completed" and outcome["results"]["work"] == 2
+    assert runs == [sid, sid]
