@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 StepFn = Callable[["SagaContext"], Awaitable[Any]]
 _engine_module: Any = None
 # Module-level form: module name -> steps declared there with @Saga.step, not yet collected;
-# and module name -> "saga 'x' (file:line)" for a module whose steps a Saga() collected.
+# and module name -> ("saga 'x' built at file:line", its first step's name) for a module
+# whose steps a Saga() collected.
 _pending: dict[str, list[Step]] = {}
-_collected: dict[str, str] = {}
+_collected: dict[str, tuple[str, str]] = {}
 _FORMS = ('write saga = Saga("name") and declare its steps with @saga.step or '
           'saga.add_step(...)')
 
@@ -183,9 +184,13 @@ def _declare_fn(owner_cls: type[Saga], fn: Any, name: str | None,
             f"form is @Saga.step, collected by the Saga() or {owner_cls.__name__}() built in "
             f"that module; or {_FORMS}")
     if parent is None and module in _collected:
-        raise SagaDefinitionError(
-            f"@Saga.step on {label!r} after module {module!r} built its saga "
-            f"({_collected[module]}): declare every @Saga.step before that Saga(), or {_FORMS}")
+        built, first = _collected[module]
+        if label == first:  # the module runs again (importlib.reload): a fresh declaration
+            del _collected[module]
+        else:
+            raise SagaDefinitionError(
+                f"@Saga.step on {label!r} after module {module!r} built its saga ({built}): "
+                f"declare every @Saga.step before that Saga(), or {_FORMS}")
     owner = (f"module {module}" if parent is None
              else f"class {module}.{'.'.join(parts[:-1])}")
     opts = _step_options(f"@Saga.step {label!r}", options)
@@ -337,14 +342,14 @@ class Saga:
             return
         if pending:
             del _pending[module]
-            _collected[module] = f"saga {self.name!r} built at {where}"
+            _collected[module] = (f"saga {self.name!r} built at {where}", pending[0].name)
             for step in pending:
                 step.saga = self
                 self.steps[step.name] = step
         elif module in _collected:
             raise SagaDefinitionError(
                 f"module {module!r} already built its saga from its @Saga.step steps "
-                f"({_collected[module]}); a module using that form builds one Saga(), once, "
+                f"({_collected[module][0]}); a module using that form builds one Saga(), once, "
                 f"after its steps. For more sagas in one module, {_FORMS}")
 
 

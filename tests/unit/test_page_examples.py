@@ -84,6 +84,16 @@ saga = DAGSaga()
     assert saga.steps["second"].compensation_fn is mod.ok
 
 
+def test_a_reloaded_module_builds_its_saga_again():
+    src = HEAD + "@Saga.step\nasync def a(ctx): ...\n@Saga.step\nasync def b(ctx): ...\n" \
+                 "saga = Saga()\n"
+    mod = module(src)
+    first = mod.saga
+    exec(compile(src, "<reload>", "exec"), mod.__dict__)  # what importlib.reload does
+    assert mod.saga is not first and list(mod.saga.steps) == ["a", "b"]
+    assert mod.saga.steps["a"].saga is mod.saga and first.steps["a"].saga is first
+
+
 def test_module_form_with_a_name_is_stable_for_kafka():
     mod = module(HEAD + """
 @Saga.step
