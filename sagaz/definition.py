@@ -16,7 +16,7 @@ import inspect
 import math
 import sys
 from collections.abc import Awaitable, Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from sagaz.errors import SagaDefinitionError
 from sagaz.machine import Plan
@@ -220,11 +220,21 @@ def _step_options(what: str, options: dict[str, Any]) -> dict[str, Any]:
     return full
 
 
+class _StepDecoratorType(Protocol):
+    """The type of ``saga.step`` and ``Saga.step``: ``@x.step`` or ``@x.step(name, **options)``."""
+
+    @overload
+    def __call__(self, fn: StepFn, /) -> Step: ...
+    @overload
+    def __call__(self, name: str | None = None, /,
+                 **options: Any) -> Callable[[StepFn], Step]: ...
+
+
 class _StepDecorator:
     """``Saga.step``: on an instance, the decorator adding a step to that saga; on the class
     (``@Saga.step``), the declaration of a step for the enclosing class body or module."""
 
-    def __get__(self, obj: Saga | None, cls: type[Saga]) -> Any:
+    def __get__(self, obj: Saga | None, cls: type[Saga]) -> _StepDecoratorType:
         if obj is None:
             return lambda *args, **options: _declare(cls, *args, **options)
         return obj._step
