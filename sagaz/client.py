@@ -157,7 +157,7 @@ class SagaClient:
                     saga_id: str | None = None, idempotency_key: str | None = None,
                     trace: dict[str, str] | None = None) -> str:
         """Publish a start command; return the saga id."""
-        name = saga.name if isinstance(saga, Saga) else saga
+        name = saga.kafka_name() if isinstance(saga, Saga) else saga
         if not isinstance(name, str) or not name:
             raise ValueError(f"saga must be a Saga or its name, got {saga!r}")
         if data is not None and not isinstance(data, dict):
@@ -177,7 +177,7 @@ class SagaClient:
 
     async def start_many(self, saga: str | Saga, items: list[dict[str, Any]]) -> list[str]:
         """Publish many starts, waiting for the broker once; returns their saga ids."""
-        name = saga.name if isinstance(saga, Saga) else saga
+        name = saga.kafka_name() if isinstance(saga, Saga) else saga
         ids, futures = [], []
         for data in items:
             sid = uuid.uuid4().hex

@@ -29,6 +29,13 @@ class SagaContext:
 
     Values must be orjson-serialisable: ``set`` rejects anything else at once, so a saga that
     works in-process also works when its context travels through Kafka.
+
+    The data reads as attributes too: ``ctx.order_id`` is ``ctx["order_id"]`` (an
+    AttributeError naming the known keys if it is missing; ``ctx.get`` returns a default).
+    Real attributes and methods win (``ctx.data``, ``ctx.get``, ``ctx.saga_id`` ...): read
+    such keys with ``ctx["get"]``. Writes go through ``ctx.set`` or ``ctx[key] = value``. The
+    participant that runs a step over Kafka hands it the same class, so this reads the same
+    in both.
     """
 
     __slots__ = ("data", "results", "saga_id", "saga_name")
@@ -50,6 +57,17 @@ class SagaContext:
             raise SagaContextError(f"context keys must be str, got {key!r}")
         check_serialisable(f"context value {key!r}", value)
         self.data[key] = value
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails, so never shadows a real attribute or method.
+        if name.startswith("__") or name in self.__slots__:  # protocols; unset slots
+            raise AttributeError(name)
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(
+                f"saga context has no key {name!r} (keys: {', '.join(sorted(self.data)) or 'none'})"
+                f"; ctx.get({name!r}) returns None instead") from None
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]

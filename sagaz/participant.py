@@ -111,6 +111,7 @@ class Participant:
         self.metrics = _Metrics(registry) if registry is not None else None
         self.steps: dict[tuple[str, str], Step] = {}
         for saga in sagas:
+            saga.kafka_name()  # a default name is not stable across processes: refused
             saga.validate()
             for step in saga.steps.values():
                 if (step.participant or saga.name) == service:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sagaz.definition import Saga
-from sagaz.errors import mask_url
+from sagaz.errors import SagaDefinitionError, mask_url
 from sagaz.messages import MAX_MESSAGE_BYTES
 from sagaz.security import KafkaSecurity, KafkaSecurityError
 
@@ -210,5 +210,10 @@ def load_sagas(specs: tuple[str, ...] | list[str]) -> list[Saga]:
         sagas = [o for o in objs if isinstance(o, Saga)]
         if not sagas or len(sagas) != len(objs):
             raise ConfigError(f"{spec!r} names no Saga definitions")
+        for saga in sagas:
+            try:
+                saga.kafka_name()
+            except SagaDefinitionError as exc:
+                raise ConfigError(f"{spec!r}: {exc}") from None
         found.extend(s for s in sagas if s not in found)
     return found

@@ -109,6 +109,7 @@ class Orchestrator:
         self.retention = retention  # 0: rows are kept forever
         self.sagas: dict[str, tuple[Saga, Plan]] = {}
         for saga in sagas:
+            saga.kafka_name()  # a default name is not stable across processes: refused
             if saga.name in self.sagas:
                 raise ValueError(f"two saga definitions are named {saga.name!r}")
             self.sagas[saga.name] = (saga, saga.plan)
