@@ -125,6 +125,18 @@ def check_inbox_args(consumer: Any, event_id: Any, source_topic: Any, event_type
             raise ValueError(f"{name} must be a non-empty str, got {value!r}")
 
 
+def outbox_of(store: Any, method: str) -> Any:
+    """The OutboxStore to use: ``store`` itself, or the ``.outbox`` of a Storage (the
+    worker and publisher accept either, as the product page passes the storage)."""
+    if hasattr(store, method):
+        return store
+    inner = getattr(store, "outbox", None)
+    if inner is not None and hasattr(inner, method):
+        return inner
+    raise TypeError(f"outbox must be an OutboxStore (storage.outbox) or a Storage, "
+                    f"got {store!r}")
+
+
 class OutboxStore(Protocol):
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                      payload: Any, headers: dict[str, str] | None = None,
@@ -201,20 +213,10 @@ async def open_storage(url: str, **options: Any) -> Storage:
     parse is a ``ValueError``, masked too."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
-        import asyncpg
-
-        from sagaz.postgres_storage import PostgresStorage, init_connection
+        from sagaz.postgres_storage import PostgresStorage, create_pool
 
         scan_window = options.pop("scan_window", None)
-        try:
-            pool = await asyncpg.create_pool(url, init=init_connection, **options)
-        except (ValueError, TypeError) as exc:  # asyncpg's DSN parser, or an option
-            raise ValueError(f"invalid PostgreSQL URL or option for {url_for_error(url)}: "
-                             f"{mask_url(str(exc))}") from safe_cause(exc)
-        except Exception as exc:
-            raise StorageError(f"cannot connect to PostgreSQL at {url_for_error(url)}: "
-                               f"{type(exc).__name__}: {mask_url(str(exc))}"
-                               ) from safe_cause(exc)
+        pool = await create_pool(url, **options)
         return PostgresStorage(pool, owns_pool=True, scan_window=scan_window)
     if scheme in ("redis", "rediss", "unix"):
         from sagaz.redis_storage import RedisStorage
