@@ -9,8 +9,9 @@ Each is a full ``Storage`` of its backend (``PostgresStorage``, ``RedisStorage``
 ``MemoryStorage``: outbox, inbox markers, saga snapshots), so it goes wherever a storage
 goes; the worker and publisher take its ``.outbox``. Building one connects to nothing (a
 module can build it at import, before the database is up); the first call that needs the
-server connects, and if it cannot, raises ``StorageError`` naming the URL with its password
-masked (the next call tries again). ``open_storage(url)`` (``sagaz.storage``) is the
+server connects, and if it cannot, raises (PostgreSQL: ``StorageError`` naming the URL with
+its password masked; Redis: redis-py's ``ConnectionError`` naming host and port), and the
+next call tries again. ``open_storage(url)`` (``sagaz.storage``) is the
 connect-now alternative.
 
 The event is written with the caller's transaction and the event's fields, and the call
