@@ -125,18 +125,6 @@ def check_inbox_args(consumer: Any, event_id: Any, source_topic: Any, event_type
             raise ValueError(f"{name} must be a non-empty str, got {value!r}")
 
 
-def outbox_of(store: Any, method: str) -> Any:
-    """The OutboxStore to use: ``store`` itself, or the ``.outbox`` of a Storage (the
-    worker and publisher accept either, as the product page passes the storage)."""
-    if hasattr(store, method):
-        return store
-    inner = getattr(store, "outbox", None)
-    if inner is not None and hasattr(inner, method):
-        return inner
-    raise TypeError(f"outbox must be an OutboxStore (storage.outbox) or a Storage, "
-                    f"got {store!r}")
-
-
 class OutboxStore(Protocol):
     async def insert(self, tx: Any, *, aggregate_id: str, topic: str, event_type: str,
                      payload: Any, headers: dict[str, str] | None = None,

@@ -11,7 +11,7 @@ import logging
 
 from sagaz.brokers import Broker, start_if_needed
 from sagaz.errors import mask_url
-from sagaz.storage import OutboxEvent, OutboxStore, Storage, outbox_of
+from sagaz.storage import OutboxEvent, OutboxStore
 
 __all__ = ["OptimisticPublisher"]
 
@@ -27,16 +27,19 @@ class OptimisticPublisher:
     unsent event of its aggregate is left to the worker, to keep the order.
     """
 
-    def __init__(self, outbox: OutboxStore | Storage, broker: Broker, *,
+    def __init__(self, outbox: OutboxStore, broker: Broker, *,
                  enabled: bool = True) -> None:
-        """``outbox``: an OutboxStore or a Storage (its ``.outbox`` is used). ``enabled``
+        """``outbox``: ``storage.outbox``, or a storage of ``sagaz.outbox.storage`` (which
+        is an OutboxStore too). ``enabled``
         False turns the fast path off (a switch for operators, e.g. while the broker is
         known to be down): ``publish_after_commit`` then touches neither the storage nor
         the broker and leaves every event to the worker. A broker that was not started is
         started by the first publish."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
-        self.outbox, self.broker = outbox_of(outbox, "is_next"), broker
+        if not hasattr(outbox, "is_next"):
+            raise TypeError(f"outbox must be an OutboxStore (storage.outbox), got {outbox!r}")
+        self.outbox, self.broker = outbox, broker
         self.enabled = enabled
 
     async def publish_after_commit(self, event: OutboxEvent) -> bool:

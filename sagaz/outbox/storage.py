@@ -7,7 +7,8 @@
 
 Each is a full ``Storage`` of its backend (``PostgresStorage``, ``RedisStorage``,
 ``MemoryStorage``: outbox, inbox markers, saga snapshots), so it goes wherever a storage
-goes; the worker and publisher take its ``.outbox``. Building one connects to nothing (a
+goes, and an ``OutboxStore`` too (its ``.outbox`` methods on itself), so the worker and
+publisher take it as it is. Building one connects to nothing (a
 module can build it at import, before the database is up); the first call that needs the
 server connects, and if it cannot, raises (PostgreSQL: ``StorageError`` naming the URL with
 its password masked; Redis: redis-py's ``ConnectionError`` naming host and port), and the
@@ -33,7 +34,14 @@ from typing import Any
 from sagaz.memory_storage import MemoryStorage
 from sagaz.postgres_storage import LazyPool, PostgresStorage
 from sagaz.redis_storage import RedisStorage
-from sagaz.storage import OutboxError, OutboxEvent, Storage, StorageError, open_storage
+from sagaz.storage import (
+    Backoff,
+    OutboxError,
+    OutboxEvent,
+    Storage,
+    StorageError,
+    open_storage,
+)
 
 __all__ = ["InMemoryOutboxStorage", "OutboxError", "OutboxEvent", "PostgreSQLOutboxStorage",
            "RedisOutboxStorage", "Storage", "StorageError", "open_storage"]
@@ -47,9 +55,11 @@ INSERT_HOW = (
     "publisher.publish_after_commit(event) after the commit")
 
 
-class _InsertOnStorage:
-    """``storage.insert(tx, **fields)``: the outbox's insert on the storage itself, with a
-    message showing the call when it is given an event object (as a 1.x user would)."""
+class _OutboxOnStorage:
+    """The storage's outbox methods on the storage itself, so the page can hand the one
+    object to ``OptimisticPublisher``, ``OutboxWorker`` and ``ConsumerInbox``, and write
+    ``storage.insert(tx, ...)``. ``insert`` given an event object (as the page's
+    ``outbox_storage.insert(event)`` reads) is refused with the call to write instead."""
 
     outbox: Any
 
@@ -59,8 +69,40 @@ class _InsertOnStorage:
         event: OutboxEvent = await self.outbox.insert(tx, **fields)
         return event
 
+    async def claim(self, worker_id: str, limit: int, lease: float) -> list[OutboxEvent]:
+        events: list[OutboxEvent] = await self.outbox.claim(worker_id, limit, lease)
+        return events
 
-class PostgreSQLOutboxStorage(_InsertOnStorage, PostgresStorage):
+    async def renew(self, worker_id: str, events: list[OutboxEvent], lease: float) -> None:
+        await self.outbox.renew(worker_id, events, lease)
+
+    async def settle(self, worker_id: str, sent: list[OutboxEvent],
+                     failed: list[tuple[OutboxEvent, str]], released: list[OutboxEvent],
+                     backoff: Backoff) -> None:
+        await self.outbox.settle(worker_id, sent, failed, released, backoff)
+
+    async def is_next(self, event: OutboxEvent) -> bool:
+        return bool(await self.outbox.is_next(event))
+
+    async def mark_sent(self, event: OutboxEvent) -> None:
+        await self.outbox.mark_sent(event)
+
+    async def prune(self, older_than: float) -> int:
+        return int(await self.outbox.prune(older_than))
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = await self.outbox.counts()
+        return counts
+
+    async def dead(self, limit: int = 100) -> list[tuple[OutboxEvent, str]]:
+        events: list[tuple[OutboxEvent, str]] = await self.outbox.dead(limit)
+        return events
+
+    async def requeue(self, event_ids: list[str]) -> int:
+        return int(await self.outbox.requeue(event_ids))
+
+
+class PostgreSQLOutboxStorage(_OutboxOnStorage, PostgresStorage):
     """``PostgresStorage`` from a ``postgresql://`` URL, its pool opened on first use (with
     ``pool_options``, asyncpg's ``create_pool`` arguments), or from an asyncpg pool made
     with ``sagaz.postgres_storage.init_connection``. Tables: ``sagaz db migrate``."""
@@ -83,10 +125,10 @@ class PostgreSQLOutboxStorage(_InsertOnStorage, PostgresStorage):
         return f"PostgreSQLOutboxStorage({self.pool!r})"
 
 
-class RedisOutboxStorage(_InsertOnStorage, RedisStorage):
+class RedisOutboxStorage(_OutboxOnStorage, RedisStorage):
     """``RedisStorage`` from a ``redis://`` URL (or a redis.asyncio client); redis-py
     connects on the first command."""
 
 
-class InMemoryOutboxStorage(_InsertOnStorage, MemoryStorage):
+class InMemoryOutboxStorage(_OutboxOnStorage, MemoryStorage):
     """``MemoryStorage``: one process, no transactions (``tx`` is None), for tests."""

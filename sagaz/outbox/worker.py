@@ -20,7 +20,7 @@ from typing import Any
 
 from sagaz.brokers import Broker, BrokerError, Skipped, start_if_needed
 from sagaz.errors import mask_url
-from sagaz.storage import Backoff, OutboxError, OutboxEvent, OutboxStore, Storage, outbox_of
+from sagaz.storage import Backoff, OutboxError, OutboxEvent, OutboxStore
 
 __all__ = ["OutboxError", "OutboxEvent", "OutboxWorker"]
 
@@ -28,14 +28,15 @@ log = logging.getLogger("sagaz.outbox")
 
 
 class OutboxWorker:
-    def __init__(self, outbox: OutboxStore | Storage, broker: Broker, *, batch_size: int = 500,
+    def __init__(self, outbox: OutboxStore, broker: Broker, *, batch_size: int = 500,
                  lease: float = 30.0, poll_interval: float = 0.1, max_attempts: int = 10,
                  backoff: float = 0.5, max_backoff: float = 60.0,
                  retention: float | None = 7 * 86400, prune_interval: float = 300.0,
                  worker_id: str | None = None, registry: Any = None,
                  metrics_interval: float = 15.0) -> None:
-        """``outbox``: an OutboxStore or a Storage (its ``.outbox`` is used). A broker that
-        was not started is started by the first batch (a failure is retried like any other).
+        """``outbox``: ``storage.outbox``, or a storage of ``sagaz.outbox.storage`` (which
+        is an OutboxStore too). A broker that was not started is started before the first
+        claim (a failure is retried like a storage error, not counted against events).
         ``registry``: a prometheus_client CollectorRegistry to report to (None: no
         metrics); the pending/dead gauges are refreshed every ``metrics_interval`` s."""
         for name, count in (("batch_size", batch_size), ("max_attempts", max_attempts)):
@@ -49,7 +50,9 @@ class OutboxWorker:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if retention is not None and (isinstance(retention, bool) or retention <= 0):
             raise ValueError(f"retention must be > 0 seconds or None, got {retention!r}")
-        self.outbox, self.broker = outbox_of(outbox, "claim"), broker
+        if not hasattr(outbox, "claim"):
+            raise TypeError(f"outbox must be an OutboxStore (storage.outbox), got {outbox!r}")
+        self.outbox, self.broker = outbox, broker
         self.batch_size, self.lease, self.poll_interval = batch_size, lease, poll_interval
         self.backoff = Backoff(max_attempts, backoff, max_backoff)
         self.retention, self.prune_interval = retention, prune_interval
