@@ -30,11 +30,11 @@ class OptimisticPublisher:
     def __init__(self, outbox: OutboxStore, broker: Broker, *,
                  enabled: bool = True) -> None:
         """``outbox``: ``storage.outbox``, or a storage of ``sagaz.outbox.storage`` (which
-        is an OutboxStore too). ``enabled``
-        False turns the fast path off (a switch for operators, e.g. while the broker is
-        known to be down): ``publish_after_commit`` then touches neither the storage nor
-        the broker and leaves every event to the worker. A broker that was not started is
-        started by the first publish."""
+        is an OutboxStore too). ``enabled=False`` turns the fast path off (a switch for
+        operators, e.g. while the broker is known to be down): ``publish_after_commit``
+        then touches neither the storage nor the broker and leaves every event to the
+        worker. A broker that was not started is started by the first publish (while it
+        cannot start, each publish waits for that attempt before falling back)."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
         if not hasattr(outbox, "is_next"):
