@@ -46,6 +46,22 @@ class Broker(Protocol):
         ...
 
 
+async def start_if_needed(broker: Any) -> None:
+    """Start a broker that is not started yet (``OptimisticPublisher`` and ``OutboxWorker``
+    call it before publishing, so a broker built without a server needs no explicit
+    ``start()``). Concurrent callers start it once; a broker without a ``started``
+    attribute counts as started."""
+    if getattr(broker, "started", True):
+        return
+    lock = getattr(broker, "_start_lock", None)
+    if lock is None:
+        await broker.start()
+        return
+    async with lock:
+        if not broker.started:
+            await broker.start()
+
+
 class _PublishOne:
     """``publish`` for brokers that implement ``publish_many``."""
 
@@ -89,11 +105,27 @@ class MemoryBroker:
 
 
 class KafkaBroker(_PublishOne):
-    def __init__(self, bootstrap: str, *, linger_ms: int = 2, request_timeout_ms: int = 10000,
+    def __init__(self, bootstrap: str | None = None, *, bootstrap_servers: str | list[str]
+                 | None = None, linger_ms: int = 2, request_timeout_ms: int = 10000,
                  security: KafkaSecurity | None = None, **producer_options: Any) -> None:
-        """``security``: SASL/TLS settings (None: PLAINTEXT); ``producer_options`` go to
-        AIOKafkaProducer as they are."""
-        self.bootstrap = bootstrap
+        """``bootstrap`` (or, as aiokafka names it, ``bootstrap_servers``: one of the two)
+        is ``host:port[,host:port]`` or a list of ``host:port``. Nothing connects here:
+        ``start()`` does, or the first publish through ``OptimisticPublisher`` or
+        ``OutboxWorker``. ``security``: SASL/TLS settings (None: PLAINTEXT);
+        ``producer_options`` go to AIOKafkaProducer as they are."""
+        if (bootstrap is None) == (bootstrap_servers is None):
+            raise TypeError("KafkaBroker needs the Kafka address once: bootstrap or "
+                            "bootstrap_servers ('host:port[,host:port]')")
+        given = bootstrap if bootstrap is not None else bootstrap_servers
+        name = "bootstrap" if bootstrap is not None else "bootstrap_servers"
+        if isinstance(given, (list, tuple)) and given and all(
+                isinstance(b, str) and b for b in given):
+            given = ",".join(given)
+        if not isinstance(given, str) or not given.strip():
+            raise ValueError(f"{name} must be 'host:port[,host:port]' or a list of "
+                             f"'host:port', got {mask_url(repr(given))}")
+        self.bootstrap = given
+        self._start_lock = asyncio.Lock()
         self.security = security
         self.options = {"linger_ms": linger_ms, "request_timeout_ms": request_timeout_ms,
                         **producer_options}
@@ -159,6 +191,7 @@ class RabbitMQBroker(_PublishOne):
 
     def __init__(self, url: str, *, exchange: str = "sagaz") -> None:
         self.url, self.exchange_name = url, exchange
+        self._start_lock = asyncio.Lock()
         self.connection: Any = None
         self.exchange: Any = None
 

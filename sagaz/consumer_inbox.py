@@ -6,7 +6,10 @@
 ``handle(payload, tx)`` runs in the transaction that records the marker keyed by
 (consumer, event id), and must do its own writes through ``tx`` (an asyncpg connection on
 PostgreSQL, a MULTI/EXEC pipeline on Redis, None in memory; ``sagaz.storage``). If it
-raises, nothing commits, no marker remains, and a redelivery runs it again. A duplicate
+raises, nothing commits, no marker remains, and a redelivery runs it again. A handler that
+takes one argument, ``handle(payload)``, is called without ``tx``: for effects outside the
+storage (an HTTP call, another database), which then commit on their own, before the marker
+(a crash between the two runs it again on redelivery: make such an effect idempotent). A duplicate
 returns the first run's (JSON) result without calling the handler; racing duplicates
 commit once (PostgreSQL and memory make the second wait; Redis lets both run and commits
 the first, see ``RedisStorage.process_idempotent``). ``InboxConsumer`` feeds a Kafka
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -30,6 +34,36 @@ from sagaz.topics import ensure_topics
 log = logging.getLogger("sagaz.consumer_inbox")
 
 
+def with_tx(handler: Any) -> Handler:
+    """``handler`` as the storages call it, ``(payload, tx)``: a handler taking two
+    positional arguments (or ``*args``) as it is, one taking one wrapped to drop ``tx``.
+    Anything else is refused here, naming the handler, rather than failing inside the
+    transaction."""
+    import inspect
+
+    if not callable(handler):
+        raise TypeError(f"handler must be an async function of (payload) or (payload, tx), "
+                        f"got {handler!r}")
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): as before, two
+        return handler
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return handler
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in params if p.default is p.empty
+                and p.kind is not p.VAR_KEYWORD]
+    if len(positional) >= 2 and len(required) <= 2:
+        return handler
+    if len(positional) == 1 and len(required) <= 1:
+        async def without_tx(payload: Any, tx: Any) -> Any:
+            return await handler(payload)
+
+        return without_tx
+    raise TypeError(f"handler {getattr(handler, '__qualname__', handler)!r} must take "
+                    f"(payload) or (payload, tx), it takes ({', '.join(map(str, params))})")
+
+
 class ConsumerInbox:
     def __init__(self, storage: Storage, consumer_name: str) -> None:
         check_inbox_args(consumer_name, "-", "-", "-")
@@ -39,9 +73,14 @@ class ConsumerInbox:
         self.storage, self.consumer = storage, consumer_name
 
     async def process_idempotent(self, event_id: str, source_topic: str, event_type: str,
-                                 payload: Any, handler: Handler) -> Any:
+                                 payload: Any, handler: Handler | Callable[[Any],
+                                                                           Awaitable[Any]]
+                                 ) -> Any:
+        """Run ``handler(payload, tx)`` or ``handler(payload)`` once per ``event_id``,
+        recording its JSON result; a duplicate returns that first result without running
+        the handler."""
         return await self.storage.process_idempotent(self.consumer, event_id, source_topic,
-                                                     event_type, payload, handler)
+                                                     event_type, payload, with_tx(handler))
 
     async def seen(self, event_id: str) -> bool:
         return await self.storage.seen(self.consumer, event_id)
@@ -69,7 +108,8 @@ class InboxConsumer:
     """
 
     def __init__(self, storage: Storage, consumer_name: str, topics: list[str],
-                 handler: Handler, *, bootstrap: str, group_id: str | None = None,
+                 handler: Handler | Callable[[Any], Awaitable[Any]], *, bootstrap: str,
+                 group_id: str | None = None,
                  dead_letter_topic: str | None = None, max_attempts: int = 5,
                  backoff: float = 0.5, max_backoff: float = 30.0,
                  security: KafkaSecurity | None = None) -> None:
@@ -82,7 +122,8 @@ class InboxConsumer:
         for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        self.topics, self.handler, self.bootstrap = list(topics), handler, bootstrap
+        self.topics, self.bootstrap = list(topics), bootstrap
+        self.handler = with_tx(handler)  # (payload) or (payload, tx), called as the latter
         self.group_id = group_id or consumer_name
         self.security = security  # SASL/TLS of its Kafka clients; None: PLAINTEXT
         self.dead_letter_topic = dead_letter_topic or f"{consumer_name}.dead-letters"

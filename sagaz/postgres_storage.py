@@ -23,6 +23,8 @@ holds when the business transaction locks the aggregate's row (the usual case).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -45,6 +47,73 @@ async def init_connection(conn: Any) -> None:
     """asyncpg pool ``init``: JSONB as Python objects, via orjson."""
     await conn.set_type_codec("jsonb", encoder=lambda v: orjson.dumps(v).decode(),
                               decoder=orjson.loads, schema="pg_catalog")
+
+
+async def create_pool(url: str, **options: Any) -> Any:
+    """An asyncpg pool with ``init_connection``; connects now. A URL or option asyncpg
+    refuses is a ``ValueError``, an unreachable server a ``StorageError``; both name the
+    URL with its password masked."""
+    import asyncpg
+
+    from sagaz.errors import mask_url, safe_cause, url_for_error
+    from sagaz.storage import StorageError
+
+    try:
+        return await asyncpg.create_pool(url, init=init_connection, **options)
+    except (ValueError, TypeError) as exc:  # asyncpg's DSN parser, or an option
+        raise ValueError(f"invalid PostgreSQL URL or option for {url_for_error(url)}: "
+                         f"{mask_url(str(exc))}") from safe_cause(exc)
+    except Exception as exc:
+        raise StorageError(f"cannot connect to PostgreSQL at {url_for_error(url)}: "
+                           f"{type(exc).__name__}: {mask_url(str(exc))}") from safe_cause(exc)
+
+
+class LazyPool:
+    """An asyncpg pool opened on first ``acquire()``, so a storage can be built (at import
+    or in a constructor) before the database is up. A failed opening is not remembered:
+    the next ``acquire()`` tries again (the worker's loop keeps retrying through an
+    outage). Only ``acquire()`` and ``close()``, what the stores use."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        from sagaz.errors import url_for_error
+
+        if not isinstance(url, str):
+            raise TypeError(f"expected a postgresql:// URL or an asyncpg pool, got a "
+                            f"{type(url).__name__}")
+        if url.split("://", 1)[0].lower() not in ("postgresql", "postgres") \
+                or "://" not in url:
+            raise ValueError(f"expected a postgresql:// URL, got {url_for_error(url)}")
+        self.url, self.options = url, options
+        self.pool: Any = None
+        self._lock: Any = None
+
+    async def open(self) -> Any:
+        if self.pool is None:
+            import asyncio
+
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self.pool is None:
+                    self.pool = await create_pool(self.url, **self.options)
+        return self.pool
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        pool = await self.open()
+        async with pool.acquire() as conn:
+            yield conn
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    def __repr__(self) -> str:
+        from sagaz.errors import mask_url
+
+        state = "open" if self.pool is not None else "not opened yet"
+        return f"LazyPool({mask_url(self.url)!r}, {state})"
 
 
 _CLAIM = """

@@ -201,20 +201,10 @@ async def open_storage(url: str, **options: Any) -> Storage:
     parse is a ``ValueError``, masked too."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
-        import asyncpg
-
-        from sagaz.postgres_storage import PostgresStorage, init_connection
+        from sagaz.postgres_storage import PostgresStorage, create_pool
 
         scan_window = options.pop("scan_window", None)
-        try:
-            pool = await asyncpg.create_pool(url, init=init_connection, **options)
-        except (ValueError, TypeError) as exc:  # asyncpg's DSN parser, or an option
-            raise ValueError(f"invalid PostgreSQL URL or option for {url_for_error(url)}: "
-                             f"{mask_url(str(exc))}") from safe_cause(exc)
-        except Exception as exc:
-            raise StorageError(f"cannot connect to PostgreSQL at {url_for_error(url)}: "
-                               f"{type(exc).__name__}: {mask_url(str(exc))}"
-                               ) from safe_cause(exc)
+        pool = await create_pool(url, **options)
         return PostgresStorage(pool, owns_pool=True, scan_window=scan_window)
     if scheme in ("redis", "rediss", "unix"):
         from sagaz.redis_storage import RedisStorage

@@ -1,19 +1,11 @@
-"""Transactional outbox: never an event without its change, nor a change without its event.
+"""``OutboxWorker``: the safety net that publishes every outbox event, always.
 
-The event is written by ``storage.outbox.insert(tx, ...)`` inside the caller's own transaction
-(see ``sagaz.storage`` for what ``tx`` is on each backend). Two ways get it to the broker:
-
-    event = await storage.outbox.insert(tx, ..., delay=5)     # in the business transaction
-    await OptimisticPublisher(storage.outbox, broker).publish_after_commit(event)  # fast
-    await OutboxWorker(storage.outbox, broker).run()        # the safety net, always
-
-``OutboxWorker`` claims batches (per aggregate, oldest first, leased; see
-``sagaz.storage``), keeps the lease renewed while the broker holds the batch (through a
-broker outage the producer keeps retrying, so the batch is neither lost nor handed to a
-second worker), and settles each event by its own outcome: sent; failed (backoff, then
-dead with its last error); or released untouched when an earlier event of its aggregate
-failed in the same batch, so order holds. Events are published in one ordered
-``publish_many`` per batch, never scattered with gather.
+It claims batches (per aggregate, oldest first, leased; see ``sagaz.storage``), keeps the
+lease renewed while the broker holds the batch (through a broker outage the producer keeps
+retrying, so the batch is neither lost nor handed to a second worker), and settles each
+event by its own outcome: sent; failed (backoff, then dead with its last error); or released
+untouched when an earlier event of its aggregate failed in the same batch, so order holds.
+Events are published in one ordered ``publish_many`` per batch, never scattered with gather.
 """
 
 from __future__ import annotations
@@ -26,11 +18,11 @@ import time
 import uuid
 from typing import Any
 
-from sagaz.brokers import Broker, BrokerError, Skipped
+from sagaz.brokers import Broker, BrokerError, Skipped, start_if_needed
 from sagaz.errors import mask_url
 from sagaz.storage import Backoff, OutboxError, OutboxEvent, OutboxStore
 
-__all__ = ["OptimisticPublisher", "OutboxError", "OutboxEvent", "OutboxWorker"]
+__all__ = ["OutboxError", "OutboxEvent", "OutboxWorker"]
 
 log = logging.getLogger("sagaz.outbox")
 
@@ -42,7 +34,10 @@ class OutboxWorker:
                  retention: float | None = 7 * 86400, prune_interval: float = 300.0,
                  worker_id: str | None = None, registry: Any = None,
                  metrics_interval: float = 15.0) -> None:
-        """``registry``: a prometheus_client CollectorRegistry to report to (None: no
+        """``outbox``: ``storage.outbox``, or a storage of ``sagaz.outbox.storage`` (which
+        is an OutboxStore too). A broker that was not started is started before the first
+        claim (a failure is retried like a storage error, not counted against events).
+        ``registry``: a prometheus_client CollectorRegistry to report to (None: no
         metrics); the pending/dead gauges are refreshed every ``metrics_interval`` s."""
         for name, count in (("batch_size", batch_size), ("max_attempts", max_attempts)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -136,6 +131,9 @@ class OutboxWorker:
         One batch at a time per worker (its own leases are free to its next claim)."""
         if self._unsettled is not None:
             await self._settle(*self._unsettled)
+        # Before claiming: a broker that cannot start is an outage (retried by run()),
+        # not a failed attempt of the events.
+        await start_if_needed(self.broker)
         t0 = time.perf_counter()
         events = await self.outbox.claim(self.worker_id, self.batch_size, self.lease)
         self._storage_ok = True
@@ -222,33 +220,3 @@ class _Metrics:
                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10, 30))
         self.events = Gauge("sagaz_outbox_events", "Events in the outbox by status",
                             ["status"], registry=registry)
-
-
-class OptimisticPublisher:
-    """Publish right after commit; the worker is the safety net.
-
-    The event should be added with ``delay`` (e.g. 5 s) so workers leave it alone
-    meanwhile. Marked sent only after the broker acknowledged it; on any failure it stays
-    pending and a worker publishes it when the delay is over. An event that has an earlier
-    unsent event of its aggregate is left to the worker, to keep the order.
-    """
-
-    def __init__(self, outbox: OutboxStore, broker: Broker) -> None:
-        if not hasattr(outbox, "is_next"):
-            raise TypeError(f"outbox must be an OutboxStore (storage.outbox), got {outbox!r}")
-        self.outbox, self.broker = outbox, broker
-
-    async def publish_after_commit(self, event: OutboxEvent) -> bool:
-        """True if published and marked sent now; False if left to the worker."""
-        try:
-            if not await self.outbox.is_next(event):
-                return False
-            [error] = await self.broker.publish_many([event.message()])
-            if error is not None:
-                raise error
-            await self.outbox.mark_sent(event)
-            return True
-        except Exception as exc:
-            log.info("optimistic publish of %s left to the worker: %s", event.event_id,
-                     mask_url(str(exc)))
-            return False

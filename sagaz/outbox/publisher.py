@@ -1,0 +1,65 @@
+"""``OptimisticPublisher``: publish an event right after its transaction commits.
+
+The fast path next to ``OutboxWorker``: the event goes out within milliseconds of the
+commit instead of at the worker's next poll, and whatever this path fails to do the worker
+does later, so it never loses an event and never needs a retry of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sagaz.brokers import Broker, start_if_needed
+from sagaz.errors import mask_url
+from sagaz.storage import OutboxEvent, OutboxStore
+
+__all__ = ["OptimisticPublisher"]
+
+log = logging.getLogger("sagaz.outbox")
+
+
+class OptimisticPublisher:
+    """Publish right after commit; the worker is the safety net.
+
+    The event should be added with ``delay`` (e.g. 5 s) so workers leave it alone
+    meanwhile. Marked sent only after the broker acknowledged it; on any failure it stays
+    pending and a worker publishes it when the delay is over. An event that has an earlier
+    unsent event of its aggregate is left to the worker, to keep the order.
+    """
+
+    def __init__(self, outbox: OutboxStore, broker: Broker, *,
+                 enabled: bool = True) -> None:
+        """``outbox``: ``storage.outbox``, or a storage of ``sagaz.outbox.storage`` (which
+        is an OutboxStore too). ``enabled=False`` turns the fast path off (a switch for
+        operators, e.g. while the broker is known to be down): ``publish_after_commit``
+        then touches neither the storage nor the broker and leaves every event to the
+        worker. A broker that was not started is started by the first publish (while it
+        cannot start, each publish waits for that attempt before falling back)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        if not hasattr(outbox, "is_next"):
+            raise TypeError(f"outbox must be an OutboxStore (storage.outbox), got {outbox!r}")
+        self.outbox, self.broker = outbox, broker
+        self.enabled = enabled
+
+    async def publish_after_commit(self, event: OutboxEvent) -> bool:
+        """True if published and marked sent now; False if left to the worker (disabled,
+        an earlier event of its aggregate pending, or any failure, logged)."""
+        if not self.enabled:
+            return False
+        if not isinstance(event, OutboxEvent):
+            raise TypeError(f"publish_after_commit takes the OutboxEvent that insert() "
+                            f"returned, got {event!r}")
+        try:
+            await start_if_needed(self.broker)
+            if not await self.outbox.is_next(event):
+                return False
+            [error] = await self.broker.publish_many([event.message()])
+            if error is not None:
+                raise error
+            await self.outbox.mark_sent(event)
+            return True
+        except Exception as exc:
+            log.info("optimistic publish of %s left to the worker: %s", event.event_id,
+                     mask_url(str(exc)))
+            return False
