@@ -13,6 +13,7 @@ whole. Messages with one key are published in the order they were given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -142,15 +143,19 @@ class KafkaBroker(_PublishOne):
         from sagaz.security import KafkaConnectError, options, start_client
 
         # Idempotent: a retried produce is not duplicated, and per-partition order holds.
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                         enable_idempotence=True,
-                                         **{**options(self.security), **self.options})
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
+                                    **{**options(self.security), **self.options})
         try:
-            await start_client(self.producer, self.bootstrap, self.security,
+            await start_client(producer, self.bootstrap, self.security,
                                what="outbox Kafka producer")
         except KafkaConnectError as exc:
-            self.producer = None
             raise BrokerError(mask_url(str(exc))) from None  # it names the servers
+        except BaseException:  # cancelled while starting: leave nothing open
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        # only now: `started` (and publish) must not see a producer still connecting
+        self.producer = producer
 
     async def stop(self) -> None:
         if self.producer is not None:

@@ -7,6 +7,7 @@ does later, so it never loses an event and never needs a retry of its own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from sagaz.brokers import Broker, start_if_needed
@@ -16,6 +17,11 @@ from sagaz.storage import OutboxEvent, OutboxStore
 __all__ = ["OptimisticPublisher"]
 
 log = logging.getLogger("sagaz.outbox")
+
+
+#: Seconds a publish waits for a broker that is not started yet before leaving the event to
+#: the worker (the start goes on in the background).
+START_WAIT = 1.0
 
 
 class OptimisticPublisher:
@@ -33,14 +39,17 @@ class OptimisticPublisher:
         is an OutboxStore too). ``enabled=False`` turns the fast path off (a switch for
         operators, e.g. while the broker is known to be down): ``publish_after_commit``
         then touches neither the storage nor the broker and leaves every event to the
-        worker. A broker that was not started is started by the first publish (while it
-        cannot start, each publish waits for that attempt before falling back)."""
+        worker. A broker that was not started is started by the first publish, which waits
+        at most ``START_WAIT`` seconds for it: a broker that cannot start (or starts slowly)
+        never holds a publish longer; the start goes on in the background and the events
+        are left to the worker meanwhile."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
         if not hasattr(outbox, "is_next"):
             raise TypeError(f"outbox must be an OutboxStore (storage.outbox), got {outbox!r}")
         self.outbox, self.broker = outbox, broker
         self.enabled = enabled
+        self._starting: asyncio.Task[None] | None = None
 
     async def publish_after_commit(self, event: OutboxEvent) -> bool:
         """True if published and marked sent now; False if left to the worker (disabled,
@@ -51,7 +60,17 @@ class OptimisticPublisher:
             raise TypeError(f"publish_after_commit takes the OutboxEvent that insert() "
                             f"returned, got {event!r}")
         try:
-            await start_if_needed(self.broker)
+            if not getattr(self.broker, "started", True):
+                if self._starting is None or self._starting.done():
+                    self._starting = asyncio.create_task(start_if_needed(self.broker))
+                    self._starting.add_done_callback(
+                        lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._starting), START_WAIT)
+                except TimeoutError:
+                    log.info("optimistic publish of %s left to the worker: the broker is "
+                             "still starting", event.event_id)
+                    return False
             if not await self.outbox.is_next(event):
                 return False
             [error] = await self.broker.publish_many([event.message()])

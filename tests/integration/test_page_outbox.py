@@ -112,6 +112,43 @@ async def test_disabled_publisher_leaves_the_event_to_the_worker(pg_url: str) ->
         OptimisticPublisher(storage, unreachable, enabled="no")  # type: ignore[arg-type]
 
 
+async def test_an_unstartable_broker_never_holds_the_fast_path(pg_url: str) -> None:
+    """The page promises < 10 ms, falling back to the worker: a broker that cannot start
+    (here one that accepts connections and never answers, like a black-holed address) must
+    not hold a publish for its connect bound."""
+    import time
+
+    from sagaz.outbox import publisher as publisher_module
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers; returns when the client goes away
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    storage = PostgreSQLOutboxStorage(pg_url)
+    unreachable = KafkaBroker(bootstrap_servers=f"127.0.0.1:{port}")
+    publisher = OptimisticPublisher(storage, unreachable)
+    wait = getattr(publisher_module, "START_WAIT", 1.0)
+    try:
+        async with storage.pool.acquire() as db, db.transaction():
+            event = await storage.insert(db, aggregate_id="o-1", topic="orders",
+                                         event_type="OrderPaid", payload={"id": "o-1"})
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert await publisher.publish_after_commit(event) is False
+            assert time.monotonic() - t0 < wait + 0.5
+        assert await _status(storage, event.event_id) == "pending"  # the worker's now
+    finally:
+        starting = getattr(publisher, "_starting", None)
+        if starting is not None:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        await unreachable.stop()
+        await storage.close()
+        server.close()
+
+
 async def test_everything_constructs_without_a_server_and_connects_on_first_use(
         pg_url: str) -> None:
     """Built while the database is unreachable; the first use fails with the URL, masked;
