@@ -106,9 +106,11 @@ async def test_broker_down_events_stay_pending_then_go_out_once(
     topic = f"{topic_prefix}-down"
     with LocalKafka() as kafka:
         await ensure_topics(kafka.bootstrap_servers, {topic: 2})
-        broker = KafkaBroker(kafka.bootstrap_servers, request_timeout_ms=2000)
+        # The publish outlasts the outage (~4 s down + the restart), so the batch is held
+        # by the broker for seconds and its 1 s lease must be renewed all along.
+        broker = KafkaBroker(kafka.bootstrap_servers, request_timeout_ms=30000)
         await broker.start()
-        # a short lease: it must be renewed while the broker holds the batch
+        # a short lease: it must be renewed while the broker holds the batch (for seconds)
         outbox = PostgresStorage(pg_pool).outbox
         worker = OutboxWorker(outbox, broker, poll_interval=0.05, lease=1.0)
         rival = OutboxWorker(outbox, broker, poll_interval=0.05, lease=1.0)
@@ -136,7 +138,12 @@ async def test_broker_down_events_stay_pending_then_go_out_once(
             await broker.stop()
         records = await consume_all(kafka.bootstrap_servers, topic, 300)
     assert len({dict(r.headers)["event-id"] for r in records}) == 300
-    assert [worker.published, rival.published] in ([300, 0], [0, 300])
+    # Each event went out once: had a lease lapsed while the broker held a batch, the
+    # other worker would have claimed and published it again (more than 300 records, and
+    # more than 300 counted). Which worker published what is not fixed: the two claim at
+    # once when the events appear, and SKIP LOCKED splits the aggregates between them
+    # (this asserted [300, 0] or [0, 300] and failed about once in ten runs: that race).
+    assert worker.published + rival.published == 300
     assert len(records) == 300
     for agg, ns in by_aggregate(records).items():
         assert ns == sorted(ns), agg
