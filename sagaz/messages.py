@@ -73,11 +73,24 @@ def dead_letter_headers(reason: str, topic: str, partition: int,
             ("sagaz-source", f"{topic}:{partition}:{offset}".encode())]
 
 
-def truncation_headers(value: bytes) -> list[tuple[str, bytes]]:
-    """Headers of a dead letter whose value was cut to fit: the original's size and hash."""
-    return [("sagaz-truncated", b"true"),
-            ("sagaz-original-size", str(len(value)).encode()),
-            ("sagaz-original-sha256", hashlib.sha256(value).hexdigest().encode())]
+#: Bytes of the original value kept in a dead-letter copy that would be too large.
+TRUNCATED_VALUE_BYTES = 4096
+
+
+def dead_letter_record(key: bytes | None, value: bytes | None, reason: str, topic: str,
+                       partition: int, offset: int, max_bytes: int
+                       ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """(key, value, headers) of an input's dead-letter copy: the original bytes, the reason
+    (clipped) and the origin. A copy larger than ``max_bytes`` keeps the first
+    ``TRUNCATED_VALUE_BYTES`` of the value, with the original's size and SHA-256."""
+    headers = dead_letter_headers(clip(reason, MAX_ERROR_CHARS), topic, partition, offset)
+    if len(key or b"") + len(value or b"") > max_bytes:
+        original = value or b""
+        headers += [("sagaz-truncated", b"true"),
+                    ("sagaz-original-size", str(len(original)).encode()),
+                    ("sagaz-original-sha256", hashlib.sha256(original).hexdigest().encode())]
+        key, value = (key or b"")[:1024], original[:TRUNCATED_VALUE_BYTES]
+    return key, value, headers
 
 
 def encode(type_: str, saga_id: str, trace: dict[str, str] | None = None, **fields: Any) -> bytes:

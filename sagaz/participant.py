@@ -53,7 +53,7 @@ from sagaz.errors import describe
 from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 from sagaz.security import KafkaSecurity, options, start_client
-from sagaz.topics import ensure_topics
+from sagaz.topics import ensure_topics, producer_stopped
 
 log = logging.getLogger("sagaz.participant")
 
@@ -142,9 +142,8 @@ class Participant:
     # -- health
 
     def live(self) -> bool:
-        sender = getattr(getattr(self.producer, "_sender", None), "_sender_task", None)
         return (self._fatal is None and self._loop_state in (None, "running", "stopping")
-                and not (sender is not None and sender.done()))
+                and not producer_stopped(self.producer))
 
     def ready(self) -> bool:
         """Live, its partitions assigned and restored, and offsets committing (commits
@@ -462,12 +461,9 @@ class Participant:
                                                               list[Any]]:
         log.warning("dead-lettering %s@%s: %s", record.topic, record.offset, clip(reason, 500))
         self._count("unknown", "dead_letter")
-        key, value = record.key, record.value
-        headers = messages.dead_letter_headers(clip(reason, MAX_ERROR_CHARS), record.topic,
-                                               record.partition, record.offset)
-        if len(key or b"") + len(value or b"") > self.max_message_bytes:
-            headers += messages.truncation_headers(value or b"")
-            key, value = (key or b"")[:1024], (value or b"")[:4096]
+        key, value, headers = messages.dead_letter_record(
+            record.key, record.value, reason, record.topic, record.partition, record.offset,
+            self.max_message_bytes)
         return self.dead_letters, key, value, headers
 
     def _count(self, action: str, outcome: str) -> None:

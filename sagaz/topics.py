@@ -21,6 +21,15 @@ def topic_partition(topic: str, partition: int) -> Any:
     return TopicPartition(topic, partition)
 
 
+def producer_stopped(producer: Any) -> bool:
+    """Whether an aiokafka producer was closed or its sender task died (it then sends
+    nothing more, and says so nowhere): what the health checks report as dead."""
+    if producer is None:
+        return False
+    sender = getattr(getattr(producer, "_sender", None), "_sender_task", None)
+    return bool(getattr(producer, "_closed", False)) or (sender is not None and sender.done())
+
+
 class TopicMismatch(RuntimeError):
     """An existing topic has a partition count other than the one required."""
 

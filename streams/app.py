@@ -42,7 +42,7 @@ from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.errors import describe
 from sagaz.messages import MAX_ERROR_CHARS, clip
-from sagaz.topics import ensure_topics
+from sagaz.topics import ensure_topics, producer_stopped
 from streams.config import Settings
 from streams.orchestrator import EXPIRY_HORIZON, Orchestrator, Output, Topics, armed_timers
 from streams.timers import TimerIndex
@@ -87,8 +87,6 @@ class DeadLetterFailed(RuntimeError):
     """The dead-letter copy of an input could not be written."""
 
 
-#: Bytes of the original value kept in a dead-letter copy that would be too large.
-TRUNCATED_VALUE_BYTES = 4096
 DEAD_LETTER_ATTEMPTS = 3
 DEAD_LETTER_TIMEOUT = 20.0  # seconds to wait for the broker's ack of one attempt
 
@@ -336,12 +334,9 @@ class OrchestratorApp:
         self.metrics.events.labels("dead_letter").inc()
         log.warning("dead-lettering %s:%s@%s: %s", message.topic, message.partition,
                     message.offset, clip(reason, 500))
-        key, value = message.key, message.value
-        headers = messages.dead_letter_headers(clip(reason, MAX_ERROR_CHARS), message.topic,
-                                               message.partition, message.offset)
-        if len(key or b"") + len(value or b"") > self.settings.max_message_bytes:
-            headers += messages.truncation_headers(value or b"")
-            key, value = (key or b"")[:1024], (value or b"")[:TRUNCATED_VALUE_BYTES]
+        key, value, headers = messages.dead_letter_record(
+            message.key, message.value, reason, message.topic, message.partition,
+            message.offset, self.settings.max_message_bytes)
         producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
         error: BaseException | None = None
         for attempt in range(DEAD_LETTER_ATTEMPTS):
@@ -368,11 +363,8 @@ class OrchestratorApp:
         dead = []
         if self._agent_state not in (None, "running"):
             dead.append(self._agent_state)
-        producer = getattr(self.app.producer, "_producer", None)
-        if self.app.started and producer is not None:
-            sender = getattr(getattr(producer, "_sender", None), "_sender_task", None)
-            if getattr(producer, "_closed", False) or (sender is not None and sender.done()):
-                dead.append("producer stopped")
+        if self.app.started and producer_stopped(getattr(self.app.producer, "_producer", None)):
+            dead.append("producer stopped")
         buffer = getattr(self.app.producer, "buffer", None)
         crashed = getattr(buffer, "_crashed", None)
         if crashed is not None and crashed.is_set():
