@@ -92,6 +92,9 @@ _FAMILIES = (
            "Records behind the end of each assigned input partition", WORKER),
     Family("saga_stream_produce_errors_total", "counter", (),
            "Sends to the broker that failed", WORKER),
+    Family("saga_stream_waiting_runs", "gauge", ("saga", "version"),
+           "Runs whose definition version this worker does not have: they wait, neither "
+           "guessed nor dropped, for a worker that has it", WORKER),
     Family("saga_stream_ready", "gauge", (), "1 while /health/ready is green, else 0", WORKER),
     # Participants (sagaz participant).
     Family("saga_participant_commands_total", "counter", ("service", "action", "outcome"),
