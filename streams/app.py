@@ -27,10 +27,12 @@ partition is stalled or an input or its outputs have been pending for ``stall_ti
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -87,6 +89,27 @@ class DeadLetterFailed(RuntimeError):
     """The dead-letter copy of an input could not be written."""
 
 
+RESEND_INTERVAL = 1.0  # seconds between sends again of a partition's failed output
+
+
+def transient(exc: BaseException) -> bool:
+    """A send failure that the broker coming back cures (not connected, no leader, timed
+    out): the output is sent again, the input stays unacked meanwhile. Anything else
+    (too large, not authorised) stalls the partition."""
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    return bool(getattr(exc, "retriable", False)) or isinstance(
+        exc, (KafkaTimeoutError, KafkaConnectionError, TimeoutError, ConnectionError))
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
+
+
+Resend = Callable[[], Awaitable[Any]]  # sends one output again; returns its new future
+
 DEAD_LETTER_ATTEMPTS = 3
 DEAD_LETTER_TIMEOUT = 20.0  # seconds to wait for the broker's ack of one attempt
 
@@ -104,8 +127,11 @@ class OrchestratorApp:
         self.timers = TimerIndex()
         self.metrics = Metrics()
         self._stream: Any = None
-        # per partition, inputs processed and not yet acked: (event, output futures, since)
-        self._unacked: dict[Any, deque[tuple[Any, list[Any], float]]] = {}
+        # per partition, inputs processed and not yet acked:
+        # (event, output futures, since, how to send each output again)
+        self._unacked: dict[Any, deque[tuple[Any, list[Any], float, list[Resend]]]] = {}
+        self._resend_at: dict[Any, float] = {}  # partition -> when to send again
+        self._resend_logged: dict[Any, float] = {}
         self.stalled: dict[Any, tuple[str, float]] = {}  # partition -> (reason, since)
         self._busy_since: float | None = None  # monotonic start of the input in hand
         self._agent_state: str | None = None  # None: not started; "running"; or why not
@@ -236,6 +262,7 @@ class OrchestratorApp:
         self._busy_since = time.monotonic()
         token = _current_event.set(weakref.ref(event))  # table partition = this message's
         futures: list[Any] = []
+        resends: list[Resend] = []
         out: Output | None = None
         reason: str | None
         try:
@@ -251,7 +278,7 @@ class OrchestratorApp:
             if out is None or reason is not None:
                 await self.dead_letter(message, reason or "internal error")
             else:
-                self._apply(event, out, futures)
+                self._apply(event, out, futures, resends)
                 # Straight to the aiokafka client (faust's wrapper costs ~60 us a message).
                 # Every output is keyed by saga id, so on a topic with as many partitions
                 # as the input its partition is the input's: no need to hash the key again.
@@ -259,8 +286,15 @@ class OrchestratorApp:
                 n = self.settings.partitions
                 for topic, key, value in out.sends:
                     partition = message.partition if self._counts.get(topic) == n else None
-                    futures.append(await producer.send(topic, value, key=key,
-                                                       partition=partition))
+                    send = functools.partial(producer.send, topic, value, key=key,
+                                             partition=partition)
+                    resends.append(send)
+                    try:
+                        futures.append(await send())
+                    except Exception as exc:
+                        if not transient(exc):
+                            raise
+                        futures.append(_failed(exc))  # sent again by _ack_done
                     if topic == self.topics.outcomes and out.row is not None:
                         self._count_finished(value)
         except Exception as exc:  # the row may be written: stall rather than skip
@@ -274,22 +308,24 @@ class OrchestratorApp:
         queue = self._unacked.get(tp)
         if queue is None:
             queue = self._unacked[tp] = deque()
-        queue.append((event, futures, time.monotonic()))
+        queue.append((event, futures, time.monotonic(), resends))
         await self._ack_done(tp, queue)
 
-    def _apply(self, event: Any, out: Any, futures: list[Any]) -> None:
+    def _apply(self, event: Any, out: Any, futures: list[Any], resends: list[Resend]) -> None:
         """Write the row (its changelog record joins the input's futures) and arm timers."""
         if out.row is not None:
             self.table.last_write = None
             self.table[event.key] = out.row
             if self.table.last_write is not None:
                 futures.append(self.table.last_write)
+                resends.append(functools.partial(self._resend_row, event))
             self.metrics.events.labels("applied").inc()
         elif out.delete:
             self.table.last_write = None
             del self.table[event.key]
             if self.table.last_write is not None:
                 futures.append(self.table.last_write)
+                resends.append(functools.partial(self._resend_row, event))
             self.metrics.events.labels("expired").inc()
         else:
             self.metrics.events.labels("repeated" if out.sends else "stale").inc()
@@ -298,20 +334,56 @@ class OrchestratorApp:
         if out.disarmed:
             self.timers.disarm(event.key.decode(), out.disarmed)
 
-    async def _ack_done(self, tp: Any, queue: deque[tuple[Any, list[Any], float]]) -> None:
-        """Ack, in offset order, the inputs whose outputs the broker acknowledged."""
+    async def _ack_done(self, tp: Any,
+                        queue: deque[tuple[Any, list[Any], float, list[Resend]]]) -> None:
+        """Ack, in offset order, the inputs whose outputs the broker acknowledged. An output
+        whose send failed for a transient reason (the broker restarting, a leader moving) is
+        sent again every RESEND_INTERVAL until it is acknowledged; its input and the ones
+        behind it stay unacked meanwhile (and readiness turns red after stall_timeout)."""
         while queue and tp not in self.stalled:
-            event, futures, _ = queue[0]
-            for fut in futures:
+            event, futures, _, resends = queue[0]
+            for i, fut in enumerate(futures):
                 if not fut.done():
                     return
-                if fut.cancelled() or fut.exception() is not None:
-                    error = "cancelled" if fut.cancelled() else describe(fut.exception())
-                    queue.clear()
-                    self._stall(tp, event.message, f"sending an output failed: {error}")
+                exc = None if fut.cancelled() else fut.exception()
+                if exc is None and not fut.cancelled():
+                    continue
+                if exc is not None and transient(exc) and i < len(resends):
+                    await self._resend(tp, futures, i, resends[i], exc)
                     return
+                error = "cancelled" if exc is None else describe(exc)
+                queue.clear()
+                self._stall(tp, event.message, f"sending an output failed: {error}")
+                return
             queue.popleft()
+            self._resend_at.pop(tp, None)
             await self._stream.ack(event)
+
+    async def _resend(self, tp: Any, futures: list[Any], i: int, resend: Resend,
+                      exc: BaseException) -> None:
+        now = time.monotonic()
+        if now < self._resend_at.get(tp, 0.0):
+            return
+        self._resend_at[tp] = now + RESEND_INTERVAL
+        if now - self._resend_logged.get(tp, -60.0) >= 30:
+            self._resend_logged[tp] = now
+            log.warning("%s:%s: an output was not acknowledged (%s); sending it again every "
+                        "%.0f s until the broker takes it", tp.topic, tp.partition,
+                        describe(exc), RESEND_INTERVAL)
+        try:
+            futures[i] = await resend()
+        except Exception as again:
+            futures[i] = _failed(again)
+
+    async def _resend_row(self, event: Any) -> Any:
+        """The row's changelog record again: the row as it is now (a later input may have
+        changed it: never write an older one over it)."""
+        token = _current_event.set(weakref.ref(event))  # read this input's partition
+        try:
+            value = self.table.get(event.key)
+        finally:
+            _current_event.reset(token)
+        return self.table.send_changelog(event.message.partition, event.key, value)
 
     def _stall(self, tp: Any, message: Any, reason: str) -> None:
         """Stop a partition on an input that could not be handled: it stays unacked."""
