@@ -14,6 +14,7 @@ class Proxy:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.down = False
+        self.latency = 0.0  # seconds added before each chunk is forwarded, either way
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> Proxy:
@@ -50,13 +51,34 @@ class Proxy:
         self._writers.update((writer, up_writer))
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
+            # Reader and writer apart, so ``latency`` delays each chunk without capping the
+            # rate: chunks queue with their due time.
+            queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def forward() -> None:
+                loop = asyncio.get_running_loop()
+                while True:
+                    due, data = await queue.get()
+                    if not data:
+                        return
+                    if due > loop.time():
+                        await asyncio.sleep(due - loop.time())
                     dst.write(data)
                     await dst.drain()
+
+            writer_task = asyncio.create_task(forward())
+            try:
+                loop = asyncio.get_running_loop()
+                while data := await src.read(65536):
+                    queue.put_nowait((loop.time() + self.latency, data))
+                    if writer_task.done():
+                        break
+                queue.put_nowait((0.0, b""))
+                await writer_task
             except (Exception, asyncio.CancelledError):  # a side went away, or was cut
                 pass
             finally:
+                writer_task.cancel()
                 with contextlib.suppress(Exception):
                     dst.transport.abort()
 

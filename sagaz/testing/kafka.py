@@ -147,6 +147,7 @@ class LocalKafka:
         start_timeout: float = 90.0,
         secure: Iterable[str] = (),
         users: Mapping[str, str] | None = None,
+        proxied: Iterable[str] = (),
     ) -> None:
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
@@ -162,6 +163,17 @@ class LocalKafka:
                 raise ValueError(f"user names and passwords must be non-empty and without "
                                  f"',[]=\" \\' or spaces, got user {name!r}")
         self.secure_ports = {p: free_port() for p in self.secure}
+        # Extra PLAINTEXT listeners for fault tests: each can be advertised at the port of a
+        # proxy in front of it (``advertised_ports[name]``), so every connection of a client
+        # bootstrapped there (metadata names the same listener) runs through that proxy.
+        self.proxied_ports = {n: free_port() for n in dict.fromkeys(proxied)}
+        bad = [n for n in self.proxied_ports
+               if not n.isupper() or not n.replace("_", "").isalnum()
+               or n in ("PLAINTEXT", "CONTROLLER", *_SECURE_PROTOCOLS)]
+        if bad:
+            raise ValueError(f"proxied listener names must be upper-case [A-Z0-9_] and not a "
+                             f"protocol name, got {bad}")
+        self.advertised_ports: dict[str, int] = {}
         self.port = port or free_port()
         self.controller_port = free_port()
         self._own_workdir = workdir is None
@@ -274,16 +286,21 @@ class LocalKafka:
         # One listener per secured protocol, named after it, beside PLAINTEXT (inter-broker)
         broker_listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"] + [
             f"{p}://127.0.0.1:{port}" for p, port in self.secure_ports.items()]
+        proxied = {n: (port, self.advertised_ports.get(n, port))
+                   for n, port in self.proxied_ports.items()}
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
             "listeners": ",".join([*broker_listeners,
+                                   *(f"{n}://127.0.0.1:{p}" for n, (p, _) in proxied.items()),
                                    f"CONTROLLER://127.0.0.1:{self.controller_port}"]),
-            "advertised.listeners": ",".join(broker_listeners),
+            "advertised.listeners": ",".join(
+                [*broker_listeners, *(f"{n}://127.0.0.1:{a}" for n, (_, a) in proxied.items())]),
             "listener.security.protocol.map": ",".join(
                 ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT",
-                 *(f"{p}:{p}" for p in self.secure)]),
+                 *(f"{p}:{p}" for p in self.secure),
+                 *(f"{n}:PLAINTEXT" for n in proxied)]),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(data),
@@ -380,6 +397,13 @@ class LocalKafka:
         """Stop the broker and start it again on the same ports and data (for fault tests)."""
         self.stop(keep_data=True)
         self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would; ``start()`` brings it back on its data."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     def stop(self, timeout: float = 20.0, *, keep_data: bool = False) -> None:
         proc, self.proc = self.proc, None

@@ -1,0 +1,227 @@
+"""The chaos suite: faults a Kafka deployment meets, on real processes and a real broker.
+
+``pytest -m chaos`` runs every scenario at its short size (CI); ``make chaos`` runs the long
+sizes (``SAGAZ_CHAOS=long``) and writes ``docs/chaos.md`` from the figures each scenario
+leaves in ``var/chaos/``. Invariants: tests/chaos/check.py. Loopback only; every loop is
+bounded in count and time; every process is ended by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chaos.cluster import ROOT, Cluster, Figures
+
+pytestmark = [pytest.mark.chaos, pytest.mark.kafka]
+
+LONG = os.environ.get("SAGAZ_CHAOS", "").lower() == "long"
+OUT = ROOT / "var" / "chaos"
+
+
+def size(short: int, long: int) -> int:
+    return long if LONG else short
+
+
+def save(fig: Figures) -> dict[str, Any]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = fig.as_dict()
+    (OUT / f"{fig.scenario}.json").write_text(json.dumps(data, indent=1))
+    print(f"\n{fig.scenario}: {json.dumps(data)}")
+    return data
+
+
+def assert_invariants(cluster: Cluster, fig: Figures) -> None:
+    r = fig.report
+    assert r is not None
+    assert r.ok, r.summary()
+    assert r.sagas == fig.sagas > 0
+    unrecovered = [f for f in fig.faults if f.recovered is None]
+    assert not unrecovered, f"no recovery after {unrecovered}"
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"chaos-{uuid.uuid4().hex[:8]}"
+
+
+async def test_random_kills_of_workers_and_participants(tmp_path: Path, prefix: str) -> None:
+    """Scenario 1: random SIGKILLs of any orchestrator worker or participant, each
+    restarted, while a mixed load runs: nothing lost, no effect duplicated, all terminal."""
+    n, kills, rate = size(240, 10_000), size(4, 20), size(20, 40)
+    rng = random.Random(7)
+    cluster = Cluster(tmp_path, prefix)
+    t0 = time.monotonic()
+    try:
+        await cluster.up(workers=2, per_service=2)
+        loader = asyncio.create_task(cluster.load(cluster.items(n), rate=rate))
+        spacing = n / rate / (kills + 1)
+        for _ in range(kills):
+            await asyncio.sleep(spacing)
+            victim = rng.choice(list(cluster.procs.values()))
+            fault = cluster.kill(victim)
+            await asyncio.sleep(rng.uniform(0.2, 2.0))
+            await cluster.restart(victim)
+            await cluster.recovered(fault, [victim])
+        await loader
+        await cluster.settle(timeout=size(180, 900))
+        fig = cluster.figures("random-kills", t0)
+    finally:
+        await cluster.close()
+    save(fig)
+    assert_invariants(cluster, fig)
+
+
+async def test_broker_crash_and_clean_restart(tmp_path: Path, prefix: str) -> None:
+    """Scenario 2: SIGKILL the broker mid-load, start it again on its data directory; then a
+    clean restart. Every client reconnects by itself; same invariants."""
+    n, rate = size(200, 3_000), size(20, 40)
+    cluster = Cluster(tmp_path, prefix)
+    t0 = time.monotonic()
+    try:
+        await cluster.up(workers=2, per_service=1)
+        loader = asyncio.create_task(cluster.load(cluster.items(n), rate=rate))
+        everyone = list(cluster.procs.values())
+        await asyncio.sleep(n / rate / 3)
+        cluster.broker.kill()
+        fault = cluster.record("broker SIGKILL", "broker")
+        await asyncio.sleep(3)
+        await asyncio.to_thread(cluster.broker.start)
+        await cluster.recovered(fault, everyone)
+        await asyncio.sleep(n / rate / 3)
+        fault = cluster.record("broker restart", "broker")
+        await asyncio.to_thread(cluster.broker.restart)
+        await cluster.recovered(fault, everyone)
+        await loader
+        await cluster.settle(timeout=size(180, 900))
+        fig = cluster.figures("broker-crash", t0)
+    finally:
+        await cluster.close()
+    save(fig)
+    assert_invariants(cluster, fig)
+
+
+async def test_a_zombie_worker_does_not_corrupt_state(tmp_path: Path, prefix: str) -> None:
+    """Scenario 3: SIGSTOP a worker for longer than the group session timeout while the
+    other takes its partitions and advances those sagas, then SIGCONT it. Afterwards the
+    changelog alone (what a fresh worker recovers) holds, for every saga, the live state:
+    no row went backwards (each key's ``seq`` never decreases in changelog order), and the
+    last row of every ended saga is its outcome."""
+    n, rate, pauses = size(200, 3_000), size(20, 40), size(1, 3)
+    cluster = Cluster(tmp_path, prefix)
+    t0 = time.monotonic()
+    try:
+        await cluster.up(workers=2, per_service=1)
+        loader = asyncio.create_task(cluster.load(cluster.items(n, delay=0.05), rate=rate))
+        zombie = cluster.procs["worker-1"]
+        for _ in range(pauses):
+            await asyncio.sleep(n / rate / (pauses + 1))
+            fault = cluster.stop(zombie)
+            await asyncio.sleep(25)  # session timeout 10 s: the group moves on without it
+            cluster.cont(zombie)
+            await cluster.recovered(fault, list(cluster.procs.values()))
+        await loader
+        await cluster.settle(timeout=size(180, 900))
+        history = await cluster.changelog()
+        fig = cluster.figures("zombie-worker", t0)
+    finally:
+        await cluster.close()
+    backwards = {k: seqs for k, seqs in history.items()
+                 if any(b[0] < a[0] for a, b in itertools.pairwise(seqs))}
+    fig.notes.append(f"changelog rows read: {sum(map(len, history.values()))}; keys whose "
+                     f"seq went backwards: {len(backwards)}")
+    wrong_end = [sid for sid, (status, _) in cluster.outcomes.items()
+                 if history.get(sid) and history[sid][-1][1] != status]
+    fig.notes.append(f"ended sagas whose last changelog row is not their outcome: "
+                     f"{len(wrong_end)}")
+    save(fig)
+    assert not backwards, f"rows went backwards: {list(backwards.items())[:3]}"
+    assert not wrong_end, wrong_end[:5]
+    assert_invariants(cluster, fig)
+
+
+async def test_network_partitions_and_latency(tmp_path: Path, prefix: str) -> None:
+    """Scenario 4: cut one worker's connections to the broker (a proxy in between) for longer
+    than the session timeout, then heal; the same for a participant; then 200 ms of latency on
+    a worker's and a participant's broker traffic for a while. Same invariants; the stall
+    each causes is reported."""
+    n, rate = size(240, 3_000), size(20, 40)
+    cut, slow = 20.0, size(15, 30)
+    cluster = Cluster(tmp_path, prefix, proxied=["WORKER1", "FLIGHTS1"])
+    t0 = time.monotonic()
+    try:
+        await cluster.start_broker()
+        for i, listener in ((0, None), (1, "WORKER1")):
+            cluster.spawn(cluster.add_worker(i, listener=listener))
+        await cluster.wait_ready(list(cluster.procs.values()), 120)
+        for service in ("flights", "hotels", "payments"):
+            cluster.spawn(cluster.add_participant(service, 0))
+        cluster.spawn(cluster.add_participant("flights", 1, listener="FLIGHTS1"))
+        await cluster.wait_ready(list(cluster.procs.values()), 120)
+        await cluster.connect()
+        loader = asyncio.create_task(cluster.load(cluster.items(n), rate=rate))
+        everyone = list(cluster.procs.values())
+        for listener in ("WORKER1", "FLIGHTS1"):
+            await asyncio.sleep(n / rate / 4)
+            fault = cluster.record(f"cut {cut:.0f}s", listener)
+            cluster.proxies[listener].cut()
+            await asyncio.sleep(cut)
+            cluster.proxies[listener].heal()
+            await cluster.recovered(fault, everyone)
+        fault = cluster.record(f"+200 ms for {slow:.0f}s", "WORKER1+FLIGHTS1")
+        for proxy in cluster.proxies.values():
+            proxy.latency = 0.2
+        await asyncio.sleep(slow)
+        for proxy in cluster.proxies.values():
+            proxy.latency = 0.0
+        await cluster.recovered(fault, everyone)
+        await loader
+        await cluster.settle(timeout=size(180, 900))
+        fig = cluster.figures("network-partition", t0)
+    finally:
+        await cluster.close()
+    save(fig)
+    assert_invariants(cluster, fig)
+
+
+async def test_concurrent_failures(tmp_path: Path, prefix: str) -> None:
+    """Scenario 7: kill a worker and a participant and restart the broker within 5 s."""
+    n, rate, rounds = size(200, 3_000), size(20, 40), size(1, 3)
+    rng = random.Random(11)
+    cluster = Cluster(tmp_path, prefix)
+    t0 = time.monotonic()
+    try:
+        await cluster.up(workers=2, per_service=2)
+        loader = asyncio.create_task(cluster.load(cluster.items(n), rate=rate))
+        everyone = list(cluster.procs.values())
+        for _ in range(rounds):
+            await asyncio.sleep(n / rate / (rounds + 1))
+            worker = rng.choice([p for p in everyone if p.role == "worker"])
+            part = rng.choice([p for p in everyone if p.role == "participant"])
+            fault = cluster.kill(worker)
+            await asyncio.sleep(rng.uniform(0.5, 2))
+            cluster.kill(part)
+            await asyncio.sleep(rng.uniform(0.5, 2))
+            cluster.record("broker restart", "broker")
+            await asyncio.to_thread(cluster.broker.restart)
+            await cluster.restart(worker)
+            await cluster.restart(part)
+            for f in cluster.faults[-3:]:
+                await cluster.recovered(f, everyone)
+            assert fault.recovered is not None
+        await loader
+        await cluster.settle(timeout=size(180, 900))
+        fig = cluster.figures("concurrent-failures", t0)
+    finally:
+        await cluster.close()
+    save(fig)
+    assert_invariants(cluster, fig)
