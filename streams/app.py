@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 import weakref
 from collections import deque
@@ -46,7 +47,14 @@ from sagaz.errors import describe
 from sagaz.messages import MAX_ERROR_CHARS, clip
 from sagaz.topics import ensure_topics, producer_stopped
 from streams.config import Settings
-from streams.orchestrator import EXPIRY_HORIZON, Orchestrator, Output, Topics, armed_timers
+from streams.orchestrator import (
+    EXPIRY_HORIZON,
+    Orchestrator,
+    Output,
+    Topics,
+    armed_timers,
+    row_seq,
+)
 from streams.timers import TimerIndex
 
 log = logging.getLogger("sagaz.streams")
@@ -76,19 +84,66 @@ class Metrics:
 
 class _SagaTable(faust.Table):
     """The saga table, remembering the future of its last changelog write: an input is
-    acked only once its row is in the changelog (faust only logs a failed write)."""
+    acked only once its row is in the changelog (faust only logs a failed write).
+
+    Recovery (and a standby applying the changelog) keeps the newest row of a saga by its
+    ``seq``, not simply the last record: a record older than the row already held is a
+    zombie's late write (a worker that lost the partition and still flushed what it had)
+    and is skipped; its key is kept in ``stale`` so the owner writes the current row again
+    (the changelog's last record is then the newest, and compaction keeps that one)."""
 
     last_write: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stale: set[tuple[int, bytes]] = set()  # (partition, key) to write again
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
         self.last_write = fut = super().send_changelog(*args, **kwargs)
         return fut
+
+    def stored(self, partition: int, key: bytes) -> bytes | None:
+        """The row this worker's store holds for ``key`` in ``partition``."""
+        try:
+            return self.data._db_for_partition(partition).get(key)  # type: ignore[attr-defined]
+        except Exception:  # not a RocksDB store: no check
+            return None
+
+    def apply_changelog_batch(self, batch: Any) -> None:
+        kept = []
+        newest: dict[tuple[int, bytes], int] = {}
+        for event in batch:
+            msg = event.message
+            k = (msg.partition, msg.key)
+            if msg.value is None:
+                newest[k] = -1  # deleted: any later row is newer
+            elif msg.key is not None:
+                try:
+                    seq = row_seq(msg.value)
+                except Exception:  # not a row this version reads: keep, as faust would
+                    seq = None
+                if seq is not None:
+                    held = newest.get(k)
+                    if held is None:
+                        raw = self.stored(msg.partition, msg.key)
+                        held = row_seq(raw) if raw is not None else -1
+                    if seq < held:
+                        log.warning("changelog %s:%s@%s: skipped a stale row of saga %s "
+                                    "(seq %d, newest %d): a zombie's late write",
+                                    msg.topic, msg.partition, msg.offset, msg.key, seq, held)
+                        self.stale.add(k)
+                        continue
+                    newest[k] = seq
+            kept.append(event)
+        super().apply_changelog_batch(kept)
 
 
 class DeadLetterFailed(RuntimeError):
     """The dead-letter copy of an input could not be written."""
 
 
+WATCHDOG_INTERVAL = 0.25  # seconds between checks that the event loop is running
+FROZEN_EXIT_CODE = 75  # `sagaz worker` exits with this when it fenced itself (EX_TEMPFAIL)
 RESEND_INTERVAL = 1.0  # seconds between sends again of a partition's failed output
 
 
@@ -136,6 +191,10 @@ class OrchestratorApp:
         self._busy_since: float | None = None  # monotonic start of the input in hand
         self._agent_state: str | None = None  # None: not started; "running"; or why not
         self._assignment: frozenset[Any] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._last_tick = 0.0
+        self.fenced: str | None = None  # why this worker stopped handling inputs
+        self.on_frozen: Callable[[str], None] = lambda reason: None
         self._next_rescan = 0.0  # when to rescan the rows for expiries coming due
         self._counts: dict[str, int] = {}  # partition counts of the output topics
         n = settings.partitions
@@ -229,7 +288,37 @@ class OrchestratorApp:
         await self.app.start()
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.app.stop()
+
+    # -- fencing a frozen worker
+
+    def _watch_loop(self) -> None:
+        """Every WATCHDOG_INTERVAL: a worker whose event loop did not run for longer than
+        the group session timeout (the process was paused: SIGSTOP, a VM freeze, a swap
+        storm) has been evicted, and another worker owns its partitions now. Anything it
+        still holds (inputs in its buffers, rows in flight) would land after the new
+        owner's writes, a zombie's stale changelog rows. So it fences itself at once:
+        ``on_frozen`` (``sagaz worker``: exit, to be restarted; in-process: stop handling
+        inputs and report not live)."""
+        now = time.monotonic()
+        gap, self._last_tick = now - self._last_tick, now
+        if gap > self.settings.session_timeout and self.fenced is None:
+            self.fenced = (f"the event loop was frozen for {gap:.1f}s, longer than the group "
+                           f"session timeout ({self.settings.session_timeout:.0f}s): another "
+                           f"worker owns these partitions now; restart this worker")
+            log.critical("fenced: %s", self.fenced)
+            self.on_frozen(self.fenced)
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_INTERVAL,
+                                                               self._watch_loop)
+
+    def _start_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._last_tick = time.monotonic()
+            self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_INTERVAL,
+                                                                   self._watch_loop)
 
     def ready(self) -> bool:
         app = self.app
@@ -244,6 +333,7 @@ class OrchestratorApp:
         # for a batch to fill.
         self._stream = stream = stream.noack()
         self._agent_state = "running"
+        self._start_watchdog()
         try:
             async for event in stream.events():
                 t0 = time.perf_counter()
@@ -257,7 +347,7 @@ class OrchestratorApp:
     async def process(self, event: Any) -> None:
         message = event.message
         tp = message.tp
-        if tp in self.stalled:
+        if tp in self.stalled or self.fenced is not None:
             return  # not acked: delivered again after a restart or rebalance
         self._busy_since = time.monotonic()
         token = _current_event.set(weakref.ref(event))  # table partition = this message's
@@ -435,6 +525,8 @@ class OrchestratorApp:
         dead = []
         if self._agent_state not in (None, "running"):
             dead.append(self._agent_state)
+        if self.fenced is not None:
+            dead.append(f"fenced: {self.fenced}")
         if self.app.started and producer_stopped(getattr(self.app.producer, "_producer", None)):
             dead.append("producer stopped")
         buffer = getattr(self.app.producer, "buffer", None)
@@ -481,6 +573,8 @@ class OrchestratorApp:
                 self._reassigned(assignment)
             self._assignment = assignment
             self.rebuild_timers()
+        if self.table.stale:
+            self._heal(assignment)
         self.timers.compact()
         due = self.timers.due(time.time())
         if not due:
@@ -499,6 +593,17 @@ class OrchestratorApp:
                 lambda f, d=due_at, s=saga_id, k=key: f.cancelled() or f.exception() is None
                 or self._timer_not_sent(d, s, k, f.exception()))
         self.metrics.timers.inc(len(due))
+
+    def _heal(self, assignment: frozenset[Any]) -> None:
+        """Write again the rows whose changelog got a stale record after them, for the
+        partitions this worker owns (a standby only remembers them until it owns them)."""
+        active = {tp.partition for tp in assignment if tp.topic == self.topics.commands}
+        for partition, key in [k for k in self.table.stale if k[0] in active]:
+            self.table.stale.discard((partition, key))
+            row = self.table.stored(partition, key)
+            if row is not None:
+                self.table.send_changelog(partition, key, row)
+                log.warning("saga %s: its newest row written to the changelog again", key)
 
     def _timer_not_sent(self, due: float, saga_id: str, key: str, exc: Any) -> bool:
         log.warning("timer %s of saga %s not sent (armed again): %s", key, saga_id, exc)
@@ -535,6 +640,14 @@ def run_worker(settings: Settings) -> None:
     """Run one orchestrator worker in this process until SIGINT/SIGTERM (the CLI's job)."""
     oapp = OrchestratorApp(settings)
     asyncio.run(oapp.prepare())
+
+    def exit_now(reason: str) -> None:
+        # No clean shutdown: it would flush what this zombie holds. The changelog and the
+        # committed offsets have everything; the restarted worker recovers from them.
+        logging.shutdown()
+        os._exit(FROZEN_EXIT_CODE)
+
+    oapp.on_frozen = exit_now
     from faust.worker import Worker
 
     class QuietWorker(Worker):

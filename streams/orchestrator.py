@@ -329,6 +329,12 @@ class Orchestrator:
 _EXPIRES = frozenset({m.SagaStatus.COMPLETED, m.SagaStatus.COMPENSATED})
 
 
+def row_seq(row: bytes) -> int:
+    """How many events a row has applied: a row with a lower ``seq`` than another of the
+    same saga is older (the changelog's recovery keeps the newest, see app._SagaTable)."""
+    return int(orjson.loads(row)["state"]["seq"])
+
+
 def armed_timers(row: bytes, until: float) -> list[tuple[float, str]]:
     """The timers a row holds for the timer index: the machine's, and its expiry when that
     is due by ``until``."""

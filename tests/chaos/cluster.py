@@ -316,7 +316,7 @@ class Cluster:
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
             deadline = time.monotonic() + 120
-            while any(await consumer.position(tp) < ends[tp] for tp in tps):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 if time.monotonic() > deadline:
                     raise AssertionError("reading the changelog took over 120 s")
                 for records in (await consumer.getmany(timeout_ms=500)).values():
