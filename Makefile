@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-kafka lint demo bench bench-streams bench-outbox kafka clean
+.PHONY: venv test test-unit test-kafka check-deploy lint demo bench bench-streams bench-outbox kafka clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test-unit: venv       ## the fast, service-free part
 
 test-kafka: venv
 	$(PY) -m pytest -q -m kafka
+
+check-deploy: venv   ## k8s/ rendered by kustomize and checked by kubeconform; docker/compose.yaml
+	$(PY) -m pytest -q tests/unit/test_k8s_validate.py tests/unit/test_manifests.py \
+		tests/unit/test_compose.py
 
 lint: venv
 	$(VENV)/bin/ruff check sagaz streams tests
