@@ -30,8 +30,6 @@ from sagaz.topics import ensure_topics
 from streams import examples
 from tests.kafka_stack import PARTITIONS, dead_letters
 
-pytestmark = pytest.mark.kafka
-
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "k8s" / "monitoring" / "sagaz-alerts.rules.yml"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -108,6 +106,46 @@ def value(prom: LocalPrometheus, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
+def test_the_launcher_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="'nope' is not 'host:port'"):
+        LocalPrometheus({"job": ["nope"]})
+    with pytest.raises(ValueError, match="give a non-empty list of 'host:port'"):
+        LocalPrometheus({"job": "127.0.0.1:80"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="job names must be words"):
+        LocalPrometheus({"a job": ["127.0.0.1:80"]})
+    with pytest.raises(ValueError, match="scrape_interval must be a Prometheus duration"):
+        LocalPrometheus(scrape_interval="1 second")
+    with pytest.raises(FileNotFoundError, match=r"rule file .*missing\.yml does not exist"):
+        LocalPrometheus(rule_files=["missing.yml"])
+
+
+def test_the_launcher_serves_queries_and_fails_on_a_rule_file_prometheus_rejects(
+        prometheus_binary: str, tmp_path: Path) -> None:
+    port = free_port()
+    with LocalPrometheus({"self": [f"127.0.0.1:{port}"]}, port=port, rule_files=[RULES],
+                         binary=prometheus_binary) as prom:
+        up = prom.wait_for(lambda: prom.query('up{job="self"} == 1'), 20, "self scraped")
+        assert up[0]["metric"]["instance"] == f"127.0.0.1:{port}"
+        assert prom.targets_health() == {"self": ["up"]}
+        # no orchestrator is scraped at all: pending (it has a `for:`), not yet firing
+        prom.wait_for(lambda: any(a["labels"]["alertname"] == "OrchestratorDown"
+                                  for a in prom.alerts()), 20, "OrchestratorDown pending")
+        assert prom.firing("OrchestratorDown") == []
+        with pytest.raises(PrometheusToolError, match=r"bad_data: .*parse error"):
+            prom.query("sum(")
+        pid = prom.proc.pid if prom.proc else None
+    assert pid is not None and prom.proc is None and not prom.workdir.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+    bad = tmp_path / "bad.rules.yml"
+    bad.write_text("groups: [{name: g, rules: [{alert: A, expr: 'sum(up'}]}]\n")
+    with pytest.raises(PrometheusToolError, match=r"(?s)prometheus exited with status 1"
+                                                  r".*unclosed left parenthesis"):
+        LocalPrometheus(rule_files=[bad], binary=prometheus_binary).start()
+
+
+@pytest.mark.kafka
 async def test_prometheus_scrapes_worker_participant_and_outbox_and_alerts_fire(
         prometheus_binary: str, kafka_bootstrap: str, topic_prefix: str, pg_url: str,
         tmp_path: Path) -> None:
