@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-kafka check-deploy lint demo bench bench-streams bench-outbox kafka clean
+.PHONY: venv test test-unit test-kafka chaos check-deploy lint demo bench bench-streams bench-outbox kafka clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ test-unit: venv       ## the fast, service-free part
 
 test-kafka: venv
 	$(PY) -m pytest -q -m kafka
+
+chaos: venv           ## the chaos suite at its long sizes (~1 h); writes docs/chaos.md
+	rm -rf var/chaos
+	SAGAZ_CHAOS=long $(PY) -m pytest -q -s -m chaos tests/chaos; status=$$?; \
+		$(PY) -m tests.chaos.report; exit $$status
 
 check-deploy: venv   ## k8s/ rendered by kustomize and checked by kubeconform; docker/compose.yaml
 	$(PY) -m pytest -q tests/unit/test_k8s_validate.py tests/unit/test_manifests.py \

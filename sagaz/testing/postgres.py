@@ -70,6 +70,11 @@ class LocalPostgres:
                         "-E", "UTF8", "--no-sync")
         if out.returncode != 0:
             raise PostgresToolError(f"initdb failed: {out.stdout}{out.stderr}")
+        self._pg_start()
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def _pg_start(self) -> None:
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
                 f"-c unix_socket_directories={self.workdir} -c fsync=off "
                 f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
@@ -78,8 +83,14 @@ class LocalPostgres:
         if out.returncode != 0:
             log = (self.workdir / "log").read_text() if (self.workdir / "log").exists() else ""
             raise PostgresToolError(f"pg_ctl start failed: {out.stdout}{out.stderr}\n{log}")
-        self.started_in = time.monotonic() - t0
-        return self
+
+    def halt(self) -> None:
+        """Stop the server at once (as a crash would: -m immediate), keeping its data."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start a halted server again on its port and data."""
+        self._pg_start()
 
     def stop(self) -> None:
         if self.datadir.exists():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import statistics
@@ -35,6 +36,12 @@ from tests.proxy import Proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
+LONG = os.environ.get("SAGAZ_CHAOS", "").lower() == "long"  # make chaos: the long sizes
+OUT = ROOT / "var" / "chaos"  # each scenario's figures, for docs/chaos.md
+
+
+def size(short: int, long: int) -> int:
+    return long if LONG else short
 
 
 @dataclass
@@ -362,6 +369,19 @@ class Cluster:
         proc.popen.send_signal(signal.SIGCONT)
         proc.stopped = False
 
+    async def retire(self, proc: Proc, timeout: float = 60) -> None:
+        """Scale in: SIGTERM (a clean shutdown hands its partitions over) and forget it."""
+        assert proc.popen is not None
+        proc.popen.terminate()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.popen.wait), timeout)
+        except TimeoutError:
+            proc.popen.kill()
+            proc.popen.wait()
+            raise AssertionError(f"{proc.name} did not stop within {timeout:.0f}s of SIGTERM") \
+                from None
+        del self.procs[proc.name]
+
     async def restart(self, proc: Proc) -> None:
         proc.restarts += 1
         self.spawn(proc)
@@ -386,6 +406,15 @@ class Cluster:
     def figures(self, scenario: str, t0: float) -> Figures:
         return Figures(scenario, len(self.started), list(self.faults), self.report(),
                        time.monotonic() - t0)
+
+
+def save(fig: Figures) -> dict[str, Any]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = fig.as_dict()
+    data["size"] = "long" if LONG else "short"
+    (OUT / f"{fig.scenario}.json").write_text(json.dumps(data, indent=1))
+    print(f"\n{fig.scenario}: {json.dumps(data)}")
+    return data
 
 
 def row_summary(raw: bytes) -> tuple[int, str]:

@@ -10,35 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import os
 import random
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.chaos.cluster import ROOT, Cluster, Figures
+from tests.chaos.cluster import Cluster, Figures, save, size
 
 pytestmark = [pytest.mark.chaos, pytest.mark.kafka]
-
-LONG = os.environ.get("SAGAZ_CHAOS", "").lower() == "long"
-OUT = ROOT / "var" / "chaos"
-
-
-def size(short: int, long: int) -> int:
-    return long if LONG else short
-
-
-def save(fig: Figures) -> dict[str, Any]:
-    OUT.mkdir(parents=True, exist_ok=True)
-    data = fig.as_dict()
-    (OUT / f"{fig.scenario}.json").write_text(json.dumps(data, indent=1))
-    print(f"\n{fig.scenario}: {json.dumps(data)}")
-    return data
-
 
 def assert_invariants(cluster: Cluster, fig: Figures) -> None:
     r = fig.report
@@ -236,5 +217,66 @@ async def test_concurrent_failures(tmp_path: Path, prefix: str) -> None:
         fig = cluster.figures("concurrent-failures", t0)
     finally:
         await cluster.close()
+    save(fig)
+    assert_invariants(cluster, fig)
+
+
+def pause_after(cluster: Cluster, at: float, window: float = 60.0) -> float:
+    """The longest gap between outcomes (or since ``at`` to the first) in the window after
+    ``at``: how long the cluster stopped finishing sagas."""
+    times = sorted(t for _, t in cluster.outcomes.values() if at <= t <= at + window)
+    points = [at, *times]
+    return max((b - a for a, b in itertools.pairwise(points)), default=window)
+
+
+async def test_scale_out_and_in_under_load(tmp_path: Path, prefix: str) -> None:
+    """Scenario 5: orchestrator workers 1 -> 3 -> 1 and participants 1 -> 3 -> 1 per service
+    while sagas run. Rebalances move partitions and their tables (RocksDB recovered from the
+    changelog); same invariants; the pause each rebalance causes is reported."""
+    n, rate = size(300, 5_000), size(15, 40)
+    cluster = Cluster(tmp_path, prefix)
+    t0 = time.monotonic()
+    events: list[tuple[str, float]] = []
+    try:
+        await cluster.up(workers=1, per_service=1)
+        loader = asyncio.create_task(cluster.load(cluster.items(n), rate=rate))
+        gap = n / rate / 7
+        for i in (1, 2):
+            await asyncio.sleep(gap)
+            fault = cluster.record(f"scale out: worker {i + 1}", f"worker-{i}")
+            proc = cluster.add_worker(i)
+            cluster.spawn(proc)
+            await cluster.recovered(fault, [proc])
+            events.append((fault.kind, fault.at))
+        await asyncio.sleep(gap)
+        fault = cluster.record("scale out: participants 1 -> 3", "participants")
+        added = []
+        for service in ("flights", "hotels", "payments"):
+            for i in (1, 2):
+                added.append(cluster.add_participant(service, i))
+                cluster.spawn(added[-1])
+        await cluster.recovered(fault, added)
+        events.append((fault.kind, fault.at))
+        for name in ("worker-2", "worker-1"):
+            await asyncio.sleep(gap)
+            fault = cluster.record(f"scale in: {name} stopped", name)
+            await cluster.retire(cluster.procs[name])
+            await cluster.recovered(fault, [p for p in cluster.procs.values()])
+            events.append((fault.kind, fault.at))
+        await asyncio.sleep(gap)
+        fault = cluster.record("scale in: participants 3 -> 1", "participants")
+        for proc in added:
+            await cluster.retire(proc)
+        await cluster.recovered(fault, list(cluster.procs.values()))
+        events.append((fault.kind, fault.at))
+        await loader
+        await cluster.settle(timeout=size(180, 900))
+        rows = len(await cluster.changelog())
+        fig = cluster.figures("scale-out-in", t0)
+    finally:
+        await cluster.close()
+    for kind, at in events:
+        fig.notes.append(f"{kind}: sagas stopped finishing for {pause_after(cluster, at):.1f}s")
+    fig.notes.append(f"saga table: {rows} rows at the end")
     save(fig)
     assert_invariants(cluster, fig)

@@ -1,0 +1,93 @@
+"""Write docs/chaos.md from the figures the chaos scenarios left in var/chaos/ (``make
+chaos`` runs the long sizes, then this)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tests.chaos.cluster import OUT, ROOT
+
+ORDER = ["random-kills", "broker-crash", "zombie-worker", "network-partition", "scale-out-in",
+         "postgresql-down-outbox", "inbox-database-unreachable", "concurrent-failures"]
+
+TITLES = {
+    "random-kills": "1. Random kills of orchestrator workers and participants",
+    "broker-crash": "2. Broker crash (SIGKILL, restart on its data) and a clean restart",
+    "zombie-worker": "3. Split brain: a zombie orchestrator worker (SIGSTOP past the session "
+                     "timeout, then SIGCONT)",
+    "network-partition": "4. Network partitions (a worker's and a participant's broker "
+                         "connections cut) and 200 ms latency",
+    "scale-out-in": "5. Scale out and in under load (workers 1 -> 3 -> 1, participants "
+                    "1 -> 3 -> 1 per service)",
+    "postgresql-down-outbox": "6a. PostgreSQL stopped during outbox load (2 outbox workers)",
+    "inbox-database-unreachable": "6b. An inbox consumer's database unreachable",
+    "concurrent-failures": "7. Concurrent failures: a worker and a participant killed and the "
+                           "broker restarted within 5 s",
+}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
+    except OSError:
+        mem = 0
+    return (f"{cpu}, {os.cpu_count()} cores, {mem} GiB, {platform.platform()}, Python "
+            f"{sys.version.split()[0]}; broker, workers, participants, databases and the load "
+            f"generator share the machine")
+
+
+def render() -> str:
+    lines = ["# Chaos suite: figures", "",
+             f"Written by `make chaos` ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC) on: "
+             f"{machine()}.", "",
+             "Every scenario runs real processes started as a user deploys them (`sagaz "
+             "worker`, `sagaz participant`, `sagaz outbox run`, a Kafka broker from Maven "
+             "Central jars, PostgreSQL from Debian packages); faults go by pid or through a "
+             "TCP proxy. The checker (tests/chaos/check.py): every started saga has an "
+             "outcome and it is terminal; each effect applied once per command id and at most "
+             "one command id per step and action; a completed saga has every step applied "
+             "and none compensated; a compensated one has every applied step compensated once, "
+             "in reverse dependency order. *Recovery*: from the fault until the processes "
+             "it hit are ready again and a saga finished after that. `pytest -m chaos` runs "
+             "the same scenarios at short sizes in CI.", ""]
+    for name in ORDER:
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            lines += [f"## {TITLES[name]}", "", "Not run.", ""]
+            continue
+        d = json.loads(path.read_text())
+        lines += [f"## {TITLES[name]}", "",
+                  "| size | sagas/events | faults | lost | duplicated effects | stuck | "
+                  "recovery p50 | recovery max | run |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| {d.get('size', '?')} | {d['sagas']} | {d['faults']} "
+                  f"({', '.join(d['fault_kinds'])}) | {d['lost']} | {d['duplicated']} | "
+                  f"{d['not_terminal'] + d['unrecovered']} | "
+                  f"{_s(d['recovery_p50'])} | {_s(d['recovery_max'])} | {d['seconds']:.0f} s |",
+                  ""]
+        if d.get("completed") or d.get("compensated"):
+            lines.append(f"Ended: {d['completed']} completed, {d['compensated']} compensated; "
+                         f"{d['redelivered']} commands ran again after a crash with the same "
+                         f"command id (absorbed by the step's idempotency).")
+        lines += [f"- {note}" for note in d.get("notes", [])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} s"
+
+
+if __name__ == "__main__":
+    (ROOT / "docs" / "chaos.md").write_text(render())
+    print(f"wrote {ROOT / 'docs' / 'chaos.md'}")
