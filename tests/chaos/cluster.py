@@ -68,12 +68,17 @@ class Proc:
 class Fault:
     kind: str
     target: str
-    at: float                    # monotonic
+    at: float                    # monotonic: injected
     recovered: float | None = None
+    ended: float | None = None   # the fault was lifted: restarted, healed, continued
 
     @property
     def recovery(self) -> float | None:
-        return None if self.recovered is None else self.recovered - self.at
+        """From the end of the fault (or its start, for one that ends at once) until work
+        flows again."""
+        if self.recovered is None:
+            return None
+        return self.recovered - (self.ended if self.ended is not None else self.at)
 
 
 @dataclass
@@ -86,7 +91,7 @@ class Figures:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        rec = sorted(f.recovery for f in self.faults if f.recovery is not None)
+        rec = sorted(r for f in self.faults if (r := f.recovery) is not None)
         r = self.report or check.Report()
         return {
             "scenario": self.scenario, "sagas": self.sagas, "faults": len(self.faults),
@@ -99,6 +104,8 @@ class Figures:
             "recovery_max": round(rec[-1], 2) if rec else None,
             "unrecovered": sum(1 for f in self.faults if f.recovered is None),
             "seconds": round(self.seconds, 1), "notes": self.notes,
+            "fault_list": [[f.kind, f.target, None if f.recovery is None
+                            else round(f.recovery, 1)] for f in self.faults],
         }
 
 

@@ -57,8 +57,9 @@ def render() -> str:
              "outcome and it is terminal; each effect applied once per command id and at most "
              "one command id per step and action; a completed saga has every step applied "
              "and none compensated; a compensated one has every applied step compensated once, "
-             "in reverse dependency order. *Recovery*: from the fault until the processes "
-             "it hit are ready again and a saga finished after that. `pytest -m chaos` runs "
+             "in reverse dependency order. *Recovery*: from the end of a fault (the process "
+             "restarted, the link healed, the server back) until the processes it hit are "
+             "ready again and a saga finished after that. `pytest -m chaos` runs "
              "the same scenarios at short sizes in CI.", ""]
     for name in ORDER:
         path = OUT / f"{name}.json"
@@ -80,6 +81,9 @@ def render() -> str:
                          f"{d['redelivered']} commands ran again after a crash with the same "
                          f"command id (absorbed by the step's idempotency).")
         lines += [f"- {note}" for note in d.get("notes", [])]
+        if d.get("fault_list"):
+            lines.append("- faults in order (kind, target, recovery): " + "; ".join(
+                f"{k} {t} {_s(r)}" for k, t, r in d["fault_list"]))
         lines.append("")
     return "\n".join(lines)
 

@@ -77,10 +77,12 @@ async def test_broker_crash_and_clean_restart(tmp_path: Path, prefix: str) -> No
         fault = cluster.record("broker SIGKILL", "broker")
         await asyncio.sleep(3)
         await asyncio.to_thread(cluster.broker.start)
+        fault.ended = time.monotonic()
         await cluster.recovered(fault, everyone)
         await asyncio.sleep(n / rate / 3)
         fault = cluster.record("broker restart", "broker")
         await asyncio.to_thread(cluster.broker.restart)
+        fault.ended = time.monotonic()
         await cluster.recovered(fault, everyone)
         await loader
         await cluster.settle(timeout=size(180, 900))
@@ -170,6 +172,7 @@ async def test_network_partitions_and_latency(tmp_path: Path, prefix: str) -> No
             cluster.proxies[listener].cut()
             await asyncio.sleep(cut)
             cluster.proxies[listener].heal()
+            fault.ended = time.monotonic()
             await cluster.recovered(fault, everyone)
         fault = cluster.record(f"+200 ms for {slow:.0f}s", "WORKER1+FLIGHTS1")
         for proxy in cluster.proxies.values():
@@ -177,6 +180,7 @@ async def test_network_partitions_and_latency(tmp_path: Path, prefix: str) -> No
         await asyncio.sleep(slow)
         for proxy in cluster.proxies.values():
             proxy.latency = 0.0
+        fault.ended = time.monotonic()
         await cluster.recovered(fault, everyone)
         await loader
         await cluster.settle(timeout=size(180, 900))
@@ -205,8 +209,9 @@ async def test_concurrent_failures(tmp_path: Path, prefix: str) -> None:
             await asyncio.sleep(rng.uniform(0.5, 2))
             cluster.kill(part)
             await asyncio.sleep(rng.uniform(0.5, 2))
-            cluster.record("broker restart", "broker")
+            broker = cluster.record("broker restart", "broker")
             await asyncio.to_thread(cluster.broker.restart)
+            broker.ended = time.monotonic()
             await cluster.restart(worker)
             await cluster.restart(part)
             for f in cluster.faults[-3:]:

@@ -104,6 +104,7 @@ async def test_postgresql_down_during_outbox_load(kafka_bootstrap: str, tmp_path
         await asyncio.to_thread(pg.halt)
         await asyncio.sleep(outage)
         await asyncio.to_thread(pg.resume)
+        f.ended = time.monotonic()
         await app
         deadline = time.monotonic() + size(120, 300)
         pending = -1
@@ -197,6 +198,7 @@ async def test_inbox_consumer_database_unreachable(kafka_bootstrap: str, postgre
         await producer.flush()
         await asyncio.sleep(outage)
         proxy.heal()
+        f.ended = time.monotonic()
         async with asyncio.timeout(size(120, 300)):
             while consumer.handled < n:
                 if task.done():
