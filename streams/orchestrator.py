@@ -174,8 +174,7 @@ class Orchestrator:
         if doc["state"]["status"] in _ENDED:
             return None
         try:
-            self.definitions.resolve(doc["saga"], doc.get("version"), doc.get("fingerprint"),
-                                     doc["state"])
+            self.definition(doc)
         except DefinitionUnavailable as exc:
             return exc.name, exc.version
         return None
