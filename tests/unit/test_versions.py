@@ -273,3 +273,35 @@ async def test_engine_resume_continues_on_the_runs_version_or_refuses() -> None:
     assert calls == ["v1 x", "v1 x"] and resumed.version == 1
     view = await Engine(store).get([s1, s2], "r1")
     assert view is not None and view.version == 1
+
+
+async def test_engine_resume_on_a_version_changed_without_a_bump(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    store = InMemorySagaStore()
+    hang = asyncio.Event()
+
+    async def second(ctx: SagaContext) -> None:
+        if not hang.is_set():
+            hang.set()
+            await asyncio.sleep(3600)  # the process "dies" during this attempt
+
+    def definition(first_retry: int, second_retry: int) -> Saga:
+        s = Saga("c")
+        s.add_step("first", a, retry=Retry(attempts=first_retry))
+        s.add_step("second", second, retry=Retry(attempts=second_retry))
+        return s
+
+    task = asyncio.create_task(Engine(store).run(definition(1, 1), {}, saga_id="r"))
+    await hang.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    before = await store.load("r")
+    with pytest.raises(DefinitionUnavailable, match="changed without a version bump"):
+        await Engine(store).resume(definition(1, 5), "r")  # "second" runs: not passed
+    assert await store.load("r") == before
+    resumed = await Engine(store).resume(definition(5, 1), "r")  # "first" is passed
+    assert resumed.status.value == "completed"
+    assert "changed without a version bump" in caplog.text
