@@ -305,3 +305,30 @@ async def test_engine_resume_on_a_version_changed_without_a_bump(
     resumed = await Engine(store).resume(definition(5, 1), "r")  # "first" is passed
     assert resumed.status.value == "completed"
     assert "changed without a version bump" in caplog.text
+
+
+def test_the_worker_reports_waiting_runs_and_changes_without_a_bump(tmp_path: Any) -> None:
+    from streams.app import OrchestratorApp
+    from streams.config import Settings
+
+    oapp = OrchestratorApp(Settings(datadir=str(tmp_path)), [changed_v1("reserve")])
+    orch = oapp.orchestrator
+    v1 = Orchestrator(vs.V1, Topics("sagaz"))
+    out = start(v1)
+    [cmd] = commands(v1, out)
+    waiting_row = out.row
+    passed_row = reply(v1, cmd, out.row).row  # reserve passed: continues on the change
+    assert orch.waiting(passed_row) is None and orch.waiting(waiting_row) == ("vorder", 1)
+    oapp._set_waiting({orch.waiting(waiting_row): 1})  # as the scan of the rows does
+    _, ready, details = oapp.health()
+    assert not ready
+    assert details["definitions"] == {
+        "waiting": [{"saga": "vorder", "version": 1, "runs": 1, "versions_here": [1]}],
+        "changed_without_version_bump": [
+            {"saga": "vorder", "version": 1, "runs_started_on": vs.v1.fingerprint,
+             "fingerprint_here": changed_v1("reserve").fingerprint}]}
+    sample = oapp.metrics.registry.get_sample_value
+    assert sample("saga_stream_waiting_runs", {"saga": "vorder", "version": "1"}) == 1
+    oapp._set_waiting({})  # rescanned: none waits any more
+    assert sample("saga_stream_waiting_runs", {"saga": "vorder", "version": "1"}) is None
+    assert oapp.health()[2]["definitions"]["waiting"] == []  # the change is still reported
