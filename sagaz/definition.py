@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, overload
 from sagaz.errors import SagaDefinitionError
 from sagaz.machine import Plan
 from sagaz.policy import NO_RETRY, FailureStrategy, Retry
+from sagaz.versions import check_version, fingerprint
 
 if TYPE_CHECKING:
     from sagaz.context import SagaContext
@@ -279,6 +280,10 @@ class Saga:
     module that builds it. A default name is fine in-process, but it scopes idempotency keys
     and stored runs, so sagas sharing one share those. Over Kafka a default name is refused
     (``kafka_name``): the orchestrator, clients and participants must agree on a stable name.
+
+    ``version`` (a positive int, default 1; a subclass may set ``version = 2`` in its body)
+    and ``fingerprint`` identify the definition a run started on: runs in flight finish on
+    their own version, new runs start on the newest one a worker holds (``sagaz.versions``).
     """
 
     dag = False
@@ -294,7 +299,8 @@ class Saga:
 
     def __init__(self, name: str | None = None, *, failure_strategy: FailureStrategy | str =
                  FailureStrategy.FAIL_FAST, timeout: float | None = None,
-                 grace_period: float | None = None, compensate_started: bool = False) -> None:
+                 grace_period: float | None = None, compensate_started: bool = False,
+                 version: int | None = None) -> None:
         module, where = _caller_module(self)
         cls = type(self)
         class_name = vars(cls).get("name") if cls is not Saga else None
@@ -323,6 +329,13 @@ class Saga:
         if not isinstance(compensate_started, bool):
             raise SagaDefinitionError(f"saga {name!r}: compensate_started must be a bool")
         self.name = name
+        # Runs record the version and fingerprint they started on (sagaz.versions): bump
+        # the version when a changed definition is deployed while runs are in flight.
+        if version is None:  # a subclass may say `version = 2` in its body, like `name`
+            version = getattr(cls, "version", 1) if cls not in (Saga, DAGSaga) else 1
+        self.version = check_version(name, version)
+        self._fingerprint: str | None = None
+        self.built_at = where  # "file:line", to name both of two clashing definitions
         self.failure_strategy = strategy
         self.timeout = _check_seconds(f"saga {name!r}: timeout", timeout)
         self.grace_period = grace or 0.0
@@ -456,6 +469,15 @@ class Saga:
     def plan(self) -> Plan:
         return self._plan or self.validate()
 
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of what decides a run's course (steps, dependencies,
+        participants, policies; not the functions' bodies): the same in every process.
+        Compiles and so freezes the saga. See ``sagaz.versions``."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self)
+        return self._fingerprint
+
     def kafka_name(self) -> str:
         """The name under which this saga travels over Kafka; a SagaDefinitionError if the
         name was not given (a default name is not a stable one)."""
@@ -493,7 +515,9 @@ class Saga:
 
     def __repr__(self) -> str:
         kind = "DAG" if self.is_dag else "sequential"
-        return f"{type(self).__name__}({self.name!r}, {kind}, steps={list(self.steps)})"
+        version = f", version={self.version}" if self.version != 1 else ""
+        return (f"{type(self).__name__}({self.name!r}{version}, {kind}, "
+                f"steps={list(self.steps)})")
 
 
 class DAGSaga(Saga):

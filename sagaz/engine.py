@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from functools import partial
 from typing import Any
 
@@ -35,7 +36,9 @@ from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
 from sagaz.store import InMemorySagaStore, SagaRecord, SagaStore
 from sagaz.tracing import SagaTracer
+from sagaz.versions import Definitions
 
+log = logging.getLogger("sagaz.engine")
 _RUN, _COMP = 0, 1
 _PLAIN = frozenset({type(None), str, int, float, bool})  # serialisable as they are
 
@@ -316,6 +319,7 @@ class Engine:
                               raise_on_failure)
         run = _Run(self, saga, plan, ctx, idempotency_key)
         state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
+        state.version, state.fingerprint = saga.version, saga.fingerprint  # kept in the store
         return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
 
     async def _claim(self, name: str, key: str, saga_id: str) -> str:
@@ -339,19 +343,27 @@ class Engine:
             del self._claiming[scoped]
         return owner
 
-    async def resume(self, saga: Saga, saga_id: str, *,
+    async def resume(self, saga: Saga | Iterable[Saga], saga_id: str, *,
                      raise_on_failure: bool = False) -> SagaResult:
-        """Continue a run from its stored state: in-flight attempts are issued again."""
+        """Continue a run from its stored state: in-flight attempts are issued again.
+
+        ``saga``: the definition, or every version of it this process holds. The run
+        continues on the version it started on (``sagaz.versions``); when that version is
+        not given, or changed without a version bump in a step the run has not passed,
+        ``DefinitionUnavailable`` is raised and the stored run is left as it is (resume it
+        with its definition).
+        """
         if saga_id in self._inflight:
             return _check(await self._wait(self._inflight[saga_id]), raise_on_failure)
-        record, state = await self._load(saga, saga_id)
+        saga, record, state = await self._load(saga, saga_id)
         return await self._continue(saga, record, state, m.resume(saga.plan, state),
                                     raise_on_failure)
 
-    async def retry_compensations(self, saga: Saga, saga_id: str, *,
+    async def retry_compensations(self, saga: Saga | Iterable[Saga], saga_id: str, *,
                                   raise_on_failure: bool = False) -> SagaResult:
-        """Operator action: give each failed compensation of a FAILED run one more attempt."""
-        record, state = await self._load(saga, saga_id)
+        """Operator action: give each failed compensation of a FAILED run one more attempt
+        (on the run's own version, as ``resume``)."""
+        saga, record, state = await self._load(saga, saga_id)
         if state.status is not m.SagaStatus.FAILED:
             raise ValueError(f"saga {saga_id!r} is {state.status.value}, not failed: only a "
                              f"failed saga's compensations can be retried")
@@ -359,15 +371,14 @@ class Engine:
         _, cmds = m.handle(saga.plan, state, m.RetryCompensations(), self.clock())
         return await self._continue(saga, record, state, cmds, raise_on_failure)
 
-    async def _load(self, saga: Saga, saga_id: str) -> tuple[SagaRecord, SagaState]:
-        """A stored run of this saga definition, and its machine state."""
-        _prepare(saga)
+    async def _load(self, sagas: Saga | Iterable[Saga],
+                    saga_id: str) -> tuple[Saga, SagaRecord, SagaState]:
+        """A stored run, the definition it continues on, and its machine state."""
         record = await self.store.load(saga_id)
         if record is None:
             raise KeyError(f"no saga {saga_id!r} in the store")
-        if record.name != saga.name:
-            raise ValueError(f"saga {saga_id!r} is a {record.name!r}, not a {saga.name!r}")
-        return record, SagaState.from_dict(record.state)
+        saga = _definition(sagas, record)
+        return saga, record, SagaState.from_dict(record.state)
 
     async def _continue(self, saga: Saga, record: SagaRecord, state: SagaState,
                         cmds: list[Any], raise_on_failure: bool) -> SagaResult:
@@ -409,12 +420,13 @@ class Engine:
             raise SagaAlreadyRunning.held(saga.name, key, saga_id)
         return result
 
-    async def get(self, saga: Saga, saga_id: str) -> SagaResult | None:
-        """The current view of a run (live or finished), or None if the store has no such run."""
+    async def get(self, saga: Saga | Iterable[Saga], saga_id: str) -> SagaResult | None:
+        """The current view of a run (live or finished), or None if the store has no such run.
+        ``saga``: as for ``resume`` (the view needs the run's own version)."""
         record = await self.store.load(saga_id)
         if record is None:
             return None
-        return SagaResult(_prepare(saga), SagaState.from_dict(record.state),
+        return SagaResult(_definition(saga, record).plan, SagaState.from_dict(record.state),
                           record.data, record.results)
 
 
@@ -425,6 +437,24 @@ def _prepare(saga: Saga) -> Plan:
             f"saga {saga.name!r} cannot run in-process: steps {list(saga.remote_steps)} have "
             f"no local action (they run in participants; use the Kafka orchestrator)")
     return plan
+
+
+def _definition(sagas: Saga | Iterable[Saga], record: SagaRecord) -> Saga:
+    """The definition a stored run continues on, among ``sagas`` (one, or its versions):
+    the rule of ``sagaz.versions``; DefinitionUnavailable when it is not among them."""
+    defs = Definitions([sagas] if isinstance(sagas, Saga) else sagas)
+    if record.name not in defs.by_name:
+        raise ValueError(f"saga {record.saga_id!r} is a {record.name!r}, not a "
+                         f"{' or '.join(sorted(repr(n) for n in defs.by_name))}")
+    resolved = defs.resolve(record.name, record.version, record.fingerprint, record.state)
+    if resolved.changed:
+        log.warning("saga %r version %d changed without a version bump (run %s started on "
+                    "fingerprint %s, this definition is %s); the steps it has not passed are "
+                    "unchanged, so it continues on this definition", record.name,
+                    record.version, record.saga_id, record.fingerprint,
+                    resolved.saga.fingerprint)
+    _prepare(resolved.saga)
+    return resolved.saga
 
 
 def _check(result: SagaResult, raise_on_failure: bool) -> SagaResult:

@@ -371,8 +371,9 @@ class StepState:
 
 
 class SagaState:
-    __slots__ = ("confirms_cancel", "ended_at", "failed_step", "failure", "name", "saga_id",
-                 "seq", "started_at", "status", "steps", "timers", "updated_at")
+    __slots__ = ("confirms_cancel", "ended_at", "failed_step", "failure", "fingerprint", "name",
+                 "saga_id", "seq", "started_at", "status", "steps", "timers", "updated_at",
+                 "version")
 
     def __init__(self, name: str, saga_id: str, n_steps: int, now: float) -> None:
         self.name = name
@@ -390,6 +391,10 @@ class SagaState:
         # remote participants: no). If so, a timed-out attempt is awaited before its step is
         # retried or anything is compensated, so attempts never overlap.
         self.confirms_cancel = False
+        # The definition the run started on (sagaz.versions), for shells that keep it in
+        # the state (the in-process engine's stores); the machine does not read them.
+        self.version = 1
+        self.fingerprint = ""
 
     @property
     def terminal(self) -> bool:
@@ -400,13 +405,16 @@ class SagaState:
 
     def to_dict(self) -> dict[str, Any]:
         """Compact, orjson-ready form; ``from_dict(to_dict())`` round-trips exactly."""
-        return {
+        d = {
             "v": 1, "name": self.name, "id": self.saga_id, "status": self.status.value,
             "steps": [s.to_list() for s in self.steps], "timers": dict(self.timers),
             "started_at": self.started_at, "updated_at": self.updated_at,
             "ended_at": self.ended_at, "failure": self.failure, "failed_step": self.failed_step,
             "seq": self.seq, "cc": self.confirms_cancel,
         }
+        if self.fingerprint:  # only when a shell set them: states without read as version 1
+            d["version"], d["fingerprint"] = self.version, self.fingerprint
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SagaState:
@@ -419,6 +427,7 @@ class SagaState:
         st.updated_at, st.ended_at = d["updated_at"], d["ended_at"]
         st.failure, st.failed_step, st.seq = d["failure"], d["failed_step"], d["seq"]
         st.confirms_cancel = d["cc"]
+        st.version, st.fingerprint = d.get("version", 1), d.get("fingerprint", "")
         return st
 
     def __repr__(self) -> str:

@@ -8,7 +8,9 @@ with the saga and stamped on every command and outcome it causes.
     start       client -> orchestrator   saga, data, idempotency_key
     cancel      client -> orchestrator   reason, request_id
     retry       operator -> orchestrator request_id: retry a FAILED saga's compensations
-    run         orchestrator -> participant   saga, step, attempt, command_id, data, results
+    run         orchestrator -> participant   saga, step, attempt, command_id, data, results,
+                                              version (optional: the run's definition
+                                              version; absent: 1)
     compensate  orchestrator -> participant   (same fields as run)
     result      participant -> orchestrator   command_id, step, attempt, action, ok, result,
                                               error, retryable, set (context keys it set),

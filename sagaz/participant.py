@@ -54,6 +54,7 @@ from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import ensure_topics, producer_stopped
+from sagaz.versions import Definitions
 
 log = logging.getLogger("sagaz.participant")
 
@@ -109,16 +110,20 @@ class Participant:
         self.replication = replication
         self.tracer = tracer  # an OpenTelemetry tracer: a span per command, in the saga's trace
         self.metrics = _Metrics(registry) if registry is not None else None
-        self.steps: dict[tuple[str, str], Step] = {}
+        self.steps: dict[tuple[str, str], Step] = {}  # of each saga's newest version
+        # (saga, version, step): a command runs the step of its run's version (sagaz.versions)
+        self.versions: dict[tuple[str, int, str], Step] = {}
+        sagas = list(sagas)
         for saga in sagas:
             saga.kafka_name()  # a default name is not stable across processes: refused
-            saga.validate()
+        for saga in Definitions(sagas):  # every version; two of one version: an error
             for step in saga.steps.values():
                 if (step.participant or saga.name) == service:
                     if step.action is None:
                         raise ValueError(f"step {step.name!r} of saga {saga.name!r} is bound "
                                          f"to {service!r} but has no action to run")
-                    self.steps[(saga.name, step.name)] = step
+                    self.steps[(saga.name, step.name)] = step  # ascending: newest wins
+                    self.versions[(saga.name, saga.version, step.name)] = step
         if not self.steps:
             raise ValueError(f"none of the given sagas has a step for service {service!r}")
         self._stopping = asyncio.Event()
@@ -486,12 +491,16 @@ class Participant:
         """Run the command's step or compensation; its result message, and whether it
         succeeded."""
         action = msg["type"]
-        step = self.steps.get((msg["saga"], msg["step"]))
+        version = msg.get("version", 1)  # commands of orchestrators before versions: 1
+        step = self.versions.get((msg["saga"], version, msg["step"]))
         ok, result, error, retryable, changed = False, None, None, False, {}
         applied = False  # ran, but its result cannot be carried
         if step is None:
+            have = sorted(v for s, v, n in self.versions if (s, n) == (msg["saga"], msg["step"]))
             error = f"participant {self.service!r} has no step {msg['step']!r} of saga " \
-                    f"{msg['saga']!r}"
+                    f"{msg['saga']!r} version {version!r}" + (
+                        f" (it has versions {have}: give it every version runs are in flight "
+                        f"on)" if have else "")
         else:
             fn = step.action if action == "run" else step.compensation_fn
             policy = step.retry if action == "run" else step.compensation_retry

@@ -41,6 +41,8 @@ class SagaResult:
     failed_step = property(lambda self: self._state.failed_step)
     started_at = property(lambda self: self._state.started_at)
     ended_at = property(lambda self: self._state.ended_at)
+    version = property(lambda self: self._state.version,
+                       doc="the definition version the run started on")
 
     @property
     def succeeded(self) -> bool:

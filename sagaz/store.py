@@ -43,6 +43,17 @@ class SagaRecord:
     def status(self) -> str:
         return str(self.state["status"])
 
+    @property
+    def version(self) -> int:
+        """The definition version the run started on; 1 for a run saved before versions."""
+        return int(self.state.get("version", 1))
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the definition the run started on; "" for a run saved before
+        versions (nothing to compare: it continues on version 1 as defined now)."""
+        return str(self.state.get("fingerprint", ""))
+
 
 class SagaStore(Protocol):
     #: True when the store keeps references to the live state and context (in-memory):

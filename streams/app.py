@@ -22,6 +22,16 @@ unacked record that precedes an acked one.
 Health: ``live`` is false when the agent or the producer is dead (so Kubernetes restarts
 the pod); ``ready`` is false while starting, recovering or rebalancing, and while a
 partition is stalled or an input or its outputs have been pending for ``stall_timeout``.
+
+Versions (``sagaz.versions``): an input for a run whose definition version this worker does
+not have (or whose version changed without a bump in a step the run has not passed) is
+neither guessed nor dropped: it stalls its partition like an input that cannot be written
+(not acked, not dead-lettered; the partition is paused), so it and everything behind it are
+delivered again to the next owner of the partition, a worker that has the version once the
+rollout put one there. Unfinished runs of this worker's partitions that wait so are counted
+(``saga_stream_waiting_runs{saga,version}``, rescanned with the timers on every assignment)
+and reported in ``/health/ready``, which is not ready while any waits: a rolling update
+that dropped a version too early halts instead of proceeding.
 """
 
 from __future__ import annotations
@@ -42,10 +52,12 @@ from faust.streams import _current_event
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sagaz import messages
+from sagaz import metrics as catalogue
 from sagaz.definition import Saga
 from sagaz.errors import describe
 from sagaz.messages import MAX_ERROR_CHARS, clip
 from sagaz.topics import ensure_topics, producer_stopped
+from sagaz.versions import DefinitionUnavailable
 from streams.config import Settings
 from streams.orchestrator import (
     EXPIRY_HORIZON,
@@ -181,6 +193,10 @@ class OrchestratorApp:
                                          max_message_bytes=settings.max_message_bytes)
         self.timers = TimerIndex()
         self.metrics = Metrics()
+        self.waiting_gauge = catalogue.create(self.metrics.registry, "saga_stream_waiting_runs")[
+            "saga_stream_waiting_runs"]
+        # (saga, version) -> unfinished runs of this worker's partitions that wait for it
+        self.waiting_runs: dict[tuple[str, int], int] = {}
         self._stream: Any = None
         # per partition, inputs processed and not yet acked:
         # (event, output futures, since, how to send each output again)
@@ -359,6 +375,9 @@ class OrchestratorApp:
             try:
                 out = self.orchestrator.process(message.topic, event.key, event.value,
                                                 self.table.get(event.key), time.time())
+            except DefinitionUnavailable as exc:  # wait for a worker that has it
+                self._wait_for_definition(tp, message, exc)
+                return
             except Exception as exc:  # a bug: never let the input vanish
                 log.exception("processing %s:%s@%s failed", message.topic, message.partition,
                               message.offset)
@@ -489,6 +508,22 @@ class OrchestratorApp:
         except Exception:  # stalled all the same: nothing of it is acked
             log.exception("pausing partition %s failed", tp)
 
+    def _wait_for_definition(self, tp: Any, message: Any, exc: DefinitionUnavailable) -> None:
+        """The input's run needs a definition this worker lacks: stall its partition (the
+        input stays unacked, so the partition's next owner gets it again) and count the
+        run as waiting until the next rescan counts them all."""
+        key = (exc.name, exc.version)
+        self._set_waiting({**self.waiting_runs, key: max(1, self.waiting_runs.get(key, 0))})
+        self._stall(tp, message, f"waiting for a worker with saga {exc.name!r} version "
+                                 f"{exc.version}: {exc.reason}")
+
+    def _set_waiting(self, counts: dict[tuple[str, int], int]) -> None:
+        for saga, version in set(self.waiting_runs) - set(counts):
+            self.waiting_gauge.remove(saga, str(version))
+        for (saga, version), n in counts.items():
+            self.waiting_gauge.labels(saga, str(version)).set(n)
+        self.waiting_runs = counts
+
     async def dead_letter(self, message: Any, reason: str) -> None:
         """Write the input's dead-letter copy and wait for the broker's ack; raise
         DeadLetterFailed when it cannot be written. A copy that would be too large keeps a
@@ -553,7 +588,22 @@ class OrchestratorApp:
             details["dead"] = dead
         if waiting:
             details["waiting"] = waiting
-        return not dead, not dead and not waiting and not self.stalled, details
+        if self.waiting_runs or self.orchestrator.changed:
+            details["definitions"] = self._definitions_details()
+        return not dead, (not dead and not waiting and not self.stalled
+                          and not self.waiting_runs), details
+
+    def _definitions_details(self) -> dict[str, Any]:
+        """Runs waiting for a definition version, and versions changed without a bump."""
+        have = {name: sorted(v) for name, v in self.orchestrator.definitions.by_name.items()}
+        return {
+            "waiting": [{"saga": saga, "version": version, "runs": n,
+                         "versions_here": have.get(saga, [])}
+                        for (saga, version), n in sorted(self.waiting_runs.items())],
+            "changed_without_version_bump": [
+                {"saga": saga, "version": version, "runs_started_on": recorded,
+                 "fingerprint_here": here}
+                for (saga, version, recorded), here in sorted(self.orchestrator.changed.items())]}
 
     def _count_finished(self, value: bytes) -> None:
         doc = orjson.loads(value)
@@ -627,11 +677,16 @@ class OrchestratorApp:
         self._next_rescan = now + EXPIRY_HORIZON / 2
         count = 0
         t0 = time.perf_counter()
+        waiting: dict[tuple[str, int], int] = {}
         for key, row in self.table.items():
             timers = armed_timers(row, now + EXPIRY_HORIZON)
             if timers:
                 self.timers.arm(key.decode(), timers)
                 count += 1
+            missing = self.orchestrator.waiting(row)
+            if missing is not None:
+                waiting[missing] = waiting.get(missing, 0) + 1
+        self._set_waiting(waiting)
         log.info("timer index rebuilt in %.3f s: %d sagas with armed timers",
                  time.perf_counter() - t0, count)
 

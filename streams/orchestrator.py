@@ -38,10 +38,19 @@ saga id is unknown again: idempotent starts hold for the retention period. Only 
 due within ``EXPIRY_HORIZON`` are armed in the worker's timer index (whose memory would
 otherwise hold every finished saga of the retention period); the worker rescans its rows
 every half horizon to arm the next ones.
+
+Versions (``sagaz.versions``): a row records the definition it started on, ``version`` and
+``fingerprint`` (rows written before have neither: version 1 of whatever definition the
+worker has, no fingerprint check). A worker may hold several versions of a saga: a start
+takes the newest, every other input the row's own (``definition``), and its commands carry
+that version so participants run that version's steps. An input for a row whose definition
+this worker does not have raises ``DefinitionUnavailable``: the app leaves it unacked, its
+partition waits (streams/app.py), nothing is guessed or dead-lettered.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -52,7 +61,9 @@ from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.machine import Plan, SagaState
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
+from sagaz.versions import Definitions, DefinitionUnavailable
 
+log = logging.getLogger("sagaz.streams")
 ROW_VERSION = 1
 EXPIRE = "sagaz:expire"  # timer key of a finished saga's retention; not a machine timer
 EXPIRY_HORIZON = 3600.0  # seconds ahead that expiry timers are armed in the index
@@ -107,31 +118,66 @@ class Orchestrator:
         self.max_message_bytes = max_message_bytes
         self.inbox_size = inbox_size
         self.retention = retention  # 0: rows are kept forever
-        self.sagas: dict[str, tuple[Saga, Plan]] = {}
+        sagas = list(sagas)
         for saga in sagas:
             saga.kafka_name()  # a default name is not stable across processes: refused
-            if saga.name in self.sagas:
-                raise ValueError(f"two saga definitions are named {saga.name!r}")
-            self.sagas[saga.name] = (saga, saga.plan)
+        # every version of each saga; ``sagas``: the newest of each, which new runs start on
+        self.definitions = Definitions(sagas)
+        self.sagas: dict[str, tuple[Saga, Plan]] = {}
+        for name in self.definitions.by_name:
+            newest = self.definitions.newest(name)
+            assert newest is not None
+            self.sagas[name] = (newest, newest.plan)
+        # (saga, version, row fingerprint) -> this worker's fingerprint: rows whose version
+        # changed without a bump, compatibly (they continue); reported by the app's health
+        self.changed: dict[tuple[str, int, str], str] = {}
         self._expect = {getattr(topics, k): v for k, v in _EXPECT.items()}
 
     def view(self, row: bytes) -> dict[str, Any]:
         """The JSON a web view returns for a saga row."""
         doc = orjson.loads(row)
         state = SagaState.from_dict(doc["state"])
-        entry = self.sagas.get(doc["saga"])
-        names = [sp.name for sp in entry[1].steps] if entry else [
-            f"#{i}" for i in range(len(state.steps))]
+        saga = self.definitions.get(doc["saga"], doc.get("version", 1))
+        names = [sp.name for sp in saga.plan.steps] if saga is not None and len(
+            saga.plan.steps) == len(state.steps) else [f"#{i}" for i in range(len(state.steps))]
         return {"saga_id": state.saga_id, "saga": doc["saga"], "status": state.status.value,
                 "error": state.failure, "failed_step": state.failed_step,
                 "started_at": state.started_at, "updated_at": state.updated_at,
                 "ended_at": state.ended_at, "expires_at": doc.get("expires_at"),
-                "idempotency_key": doc["key"],
+                "idempotency_key": doc["key"], "version": doc.get("version", 1),
+                "fingerprint": doc.get("fingerprint", ""),
                 "data": doc["data"], "results": doc["results"],
                 "steps": [step_view(n, st) for n, st in zip(names, state.steps, strict=True)]}
 
     def participants(self) -> set[str]:
-        return {participant_of(s, n) for s, _ in self.sagas.values() for n in s.steps}
+        return {participant_of(s, n) for s in self.definitions for n in s.steps}
+
+    def definition(self, doc: dict[str, Any]) -> tuple[Saga, Plan]:
+        """The definition a row continues on: its own version (``sagaz.versions``), or
+        DefinitionUnavailable (the input waits). A compatible change without a version bump
+        is logged once and kept in ``changed``."""
+        version, recorded = doc.get("version"), doc.get("fingerprint") or ""
+        resolved = self.definitions.resolve(doc["saga"], version, recorded, doc["state"])
+        saga = resolved.saga
+        if resolved.changed and (doc["saga"], saga.version, recorded) not in self.changed:
+            self.changed[(doc["saga"], saga.version, recorded)] = saga.fingerprint
+            log.warning("saga %r version %d changed without a version bump (rows started on "
+                        "fingerprint %s, this worker has %s); runs that have not reached a "
+                        "changed step continue on this definition, the others wait",
+                        saga.name, saga.version, recorded, saga.fingerprint)
+        return saga, saga.plan
+
+    def waiting(self, row: bytes) -> tuple[str, int] | None:
+        """(saga, version) when this row is a run that cannot continue here: unfinished, and
+        its definition is not on this worker. None otherwise."""
+        doc = orjson.loads(row)
+        if doc["state"]["status"] in _ENDED:
+            return None
+        try:
+            self.definition(doc)
+        except DefinitionUnavailable as exc:
+            return exc.name, exc.version
+        return None
 
     # -- one message
 
@@ -161,11 +207,12 @@ class Orchestrator:
         if entry is None:
             raise MessageError(f"unknown saga definition {msg['saga']!r}; this worker has "
                                f"{sorted(self.sagas)}")
-        saga, plan = entry
+        saga, plan = entry  # the newest version
         state, cmds = m.start(plan, msg["saga_id"], now)
         doc = {"v": ROW_VERSION, "saga": saga.name, "state": None, "data": msg["data"],
                "results": {}, "inbox": ["start"], "key": msg["idempotency_key"],
-               "trace": msg.get("trace")}
+               "trace": msg.get("trace"), "version": saga.version,
+               "fingerprint": saga.fingerprint}
         out = self._commit(saga, plan, doc, state, cmds)
         too_big = self._oversize(out)
         if too_big:
@@ -176,17 +223,19 @@ class Orchestrator:
 
     def _event(self, msg: dict[str, Any], row: bytes, now: float) -> Output:
         doc = orjson.loads(row)
-        entry = self.sagas.get(doc["saga"])
-        if entry is None:
-            raise MessageError(f"saga {msg['saga_id']!r} is a {doc['saga']!r}, which this "
-                               f"worker does not define")
-        saga, plan = entry
-        if msg["type"] == "timer":
+        if msg["type"] == "timer":  # expiry needs no definition: a finished run's is gone
             early = self._early_timer(msg["key"], doc, now)
             if early is not None:
                 return early
             if msg["key"] == EXPIRE:
                 return Output(None, [], [], None, delete=True)
+        status = doc["state"]["status"]
+        if status in _ENDED and msg["type"] != "retry" and self.definitions.get(
+                doc["saga"], doc.get("version", 1)) is None:
+            # A finished run of a version no longer here: nothing can change it (but an
+            # operator's retry, which waits for its definition); announce its outcome again.
+            return self._repeat(doc, "")
+        saga, plan = self.definition(doc)
         event_id, event, result = self._to_event(msg, plan, doc)
         if event_id in doc["inbox"]:
             return self._repeat(doc, event_id)
@@ -279,9 +328,12 @@ class Orchestrator:
         """A repeated input changes nothing. Only a repeat of the last applied event can mean
         its commands were lost (a crash after the row was written, before they were): then
         re-emit what is in flight. A finished saga re-announces its outcome."""
-        saga, plan = self.sagas[doc["saga"]]
         state = SagaState.from_dict(doc["state"])
-        if state.terminal or doc["inbox"][-1] == event_id:
+        if state.terminal:  # announce the outcome again: needs no definition
+            return Output(None, [(self.topics.outcomes, state.saga_id.encode(),
+                                  outcome_message(doc, state))], [], None)
+        if doc["inbox"][-1] == event_id:
+            saga, plan = self.definition(doc)
             sends, timers, _ = self._translate(saga, doc, state, m.resume(plan, state))
             return Output(None, sends, timers, None)
         return Output(None, [], [], None)
@@ -311,7 +363,8 @@ class Orchestrator:
                 sends.append((self.topics.participant(participant_of(saga, cmd.step)), key,
                               messages.encode(
                                   "run" if kind is m.RunStep else "compensate", state.saga_id,
-                                  doc.get("trace"), saga=saga.name, step=cmd.step,
+                                  doc.get("trace"), saga=saga.name, version=saga.version,
+                                  step=cmd.step,
                                   attempt=cmd.attempt, command_id=cmd.command_id,
                                   data=doc["data"],
                                   results=doc["results"])))
@@ -327,6 +380,7 @@ class Orchestrator:
 
 
 _EXPIRES = frozenset({m.SagaStatus.COMPLETED, m.SagaStatus.COMPENSATED})
+_ENDED = frozenset({"completed", "compensated", "failed"})
 
 
 def row_seq(row: bytes) -> int:

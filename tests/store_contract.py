@@ -1,5 +1,6 @@
 """One scenario every durable SagaStore must pass: a run dies mid-step, a new engine
-resumes it from the store, and its idempotency key still names it."""
+resumes it from the store (on the definition version it started on), and its idempotency
+key still names it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ async def crash_then_resume(store: Any, name: str) -> None:
             await asyncio.sleep(10)  # the process "dies" here
         return "b"
 
-    saga = Saga(name)
+    saga = Saga(name, version=3)
     saga.add_step("a", a)
     saga.add_step("b", b)
     first = asyncio.create_task(Engine(store).run(saga, {"k": 1}, saga_id="s1",
@@ -38,6 +39,8 @@ async def crash_then_resume(store: Any, name: str) -> None:
         await first
     record = await store.load("s1")
     assert record is not None and record.status == "running" and record.data["seen"] is True
+    # the definition the run started on is stored with it (sagaz.versions)
+    assert (record.version, record.fingerprint) == (3, saga.fingerprint)
 
     result = await Engine(store).resume(saga, "s1")
     assert result.succeeded and calls == {"a": 1, "b": 2}  # a is not repeated; b's attempt is
