@@ -238,14 +238,14 @@ async def test_scale_out_and_in_under_load(tmp_path: Path, prefix: str) -> None:
     """Scenario 5: orchestrator workers 1 -> 3 -> 1 and participants 1 -> 3 -> 1 per service
     while sagas run. Rebalances move partitions and their tables (RocksDB recovered from the
     changelog); same invariants; the pause each rebalance causes is reported."""
-    n, rate = size(300, 5_000), size(15, 40)
+    n, rate = size(300, 5_000), size(5, 25)  # the load lasts through every step
     cluster = Cluster(tmp_path, prefix)
     t0 = time.monotonic()
     events: list[tuple[str, float]] = []
     try:
         await cluster.up(workers=1, per_service=1)
         loader = asyncio.create_task(cluster.load(cluster.items(n), rate=rate))
-        gap = n / rate / 7
+        gap = n / rate / 10
         for i in (1, 2):
             await asyncio.sleep(gap)
             fault = cluster.record(f"scale out: worker {i + 1}", f"worker-{i}")
@@ -280,8 +280,11 @@ async def test_scale_out_and_in_under_load(tmp_path: Path, prefix: str) -> None:
         fig = cluster.figures("scale-out-in", t0)
     finally:
         await cluster.close()
+    load_end = max(t for _, t in cluster.outcomes.values())
     for kind, at in events:
-        fig.notes.append(f"{kind}: sagas stopped finishing for {pause_after(cluster, at):.1f}s")
+        pause = (f"sagas stopped finishing for {pause_after(cluster, at):.1f}s"
+                 if at < load_end - 5 else "after the load ended")
+        fig.notes.append(f"{kind}: {pause}")
     fig.notes.append(f"saga table: {rows} rows at the end")
     save(fig)
     assert_invariants(cluster, fig)
