@@ -95,8 +95,11 @@ async def test_postgresql_down_during_outbox_load(kafka_bootstrap: str, tmp_path
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                         refused += 1  # the transaction rolled back: insert it again
                         await asyncio.sleep(0.5)
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(pace)
 
+        # The application inserts through the whole outage (its transactions are refused
+        # while the database is down, and retried).
+        pace = (outage + 8) / (n / 50)
         app = asyncio.create_task(insert_all())
         await asyncio.sleep(2)
         f = Fault(f"PostgreSQL stopped {outage}s", "postgresql", time.monotonic())
@@ -200,10 +203,11 @@ async def test_inbox_consumer_database_unreachable(kafka_bootstrap: str, postgre
         proxy.heal()
         f.ended = time.monotonic()
         async with asyncio.timeout(size(120, 300)):
-            while consumer.handled < n:
+            while await admin.fetchval("SELECT count(DISTINCT event_id) FROM ledger") < n:
                 if task.done():
                     task.result()
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(2)  # the redeliveries behind the last first delivery, too
         f.recovered = time.monotonic()
         rows = await admin.fetch("SELECT event_id, count(*) AS c FROM ledger GROUP BY event_id")
     finally:
