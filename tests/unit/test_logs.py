@@ -137,3 +137,32 @@ def test_fields_of_a_raw_input_are_worked_out_when_a_line_is_written():
     assert doc["saga_id"] is None and doc["trace_id"] is None
     assert logs.current_fields() is None  # cleared after
     assert "saga_id" not in json.loads(JsonFormatter().format(record))
+
+
+def test_no_opentelemetry_import_when_tracing_is_off():
+    """JSON lines with saga fields, the engine, the client, the participant and the worker
+    module: none imports OpenTelemetry unless a tracer is given."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, io, json, logging, sys\n"
+        "import sagaz.client, sagaz.participant, streams.app\n"
+        "from sagaz import Engine, Saga, logs, messages\n"
+        "stream = io.StringIO()\n"
+        "h = logs.handler('json'); h.stream = stream\n"
+        "logging.getLogger('app').addHandler(h)\n"
+        "async def step(ctx): logging.getLogger('app').warning('in step')\n"
+        "saga = Saga('plain'); saga.add_step('one', step)\n"
+        "asyncio.run(Engine().run(saga, saga_id='p-1'))\n"
+        "raw = messages.encode('run', 'p-2', {'traceparent': '00-' + 'a1' * 16 + '-' + "
+        "'b2' * 8 + '-01'}, saga='plain', step='one', attempt=1, command_id='c', data={}, "
+        "results={})\n"
+        "with logs.saga_fields(None, raw=raw): logging.getLogger('app').warning('worker')\n"
+        "lines = [json.loads(x) for x in stream.getvalue().splitlines()]\n"
+        "print(json.dumps({'otel': sorted(m for m in sys.modules if 'opentelemetry' in m),\n"
+        "                  'lines': [[x['saga_id'], x['step'], x['trace_id']] for x in lines]}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "otel": [], "lines": [["p-1", "one", None], ["p-2", "one", "a1" * 16]]}

@@ -84,3 +84,39 @@ async def test_outbox_events_carry_the_trace_they_were_added_in():
                                      event_type="Paid", payload={},
                                      headers={"traceparent": "mine"})
     assert plain.headers == {"traceparent": "mine"}
+
+
+def test_trace_ids_and_kafka_headers_without_a_span():
+    from sagaz.tracing import from_kafka_headers, trace_id_of
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert trace_id_of({"traceparent": parent}) == "0af7651916cd43dd8448eb211c80319c"
+    for bad in (None, {}, {"traceparent": "garbage"}, {"traceparent": 5},
+                {"traceparent": "00-" + "0" * 32 + "-b7ad6b7169203331-01"}):
+        assert trace_id_of(bad) is None
+    headers = [("traceparent", parent.encode()), ("sagaz-reason", b"x"),
+               ("tracestate", b"k=v")]
+    assert from_kafka_headers(headers) == {"traceparent": parent, "tracestate": "k=v"}
+    assert from_kafka_headers(None) == {} and from_kafka_headers(()) == {}
+
+
+def test_a_command_span_is_the_child_of_the_sending_span_in_its_headers():
+    """The record's headers (the worker's span) win over the saga's trace field; the reply
+    carries the command span's own context."""
+    from sagaz.tracing import kafka_headers, trace_id_of
+
+    tracer, exporter = tracer_and_spans()
+    saga_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    sender = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+    msg = {"type": "compensate", "step": "charge", "saga_id": "s", "attempt": 2,
+           "saga": "order", "command_id": "s|charge|2|compensate",
+           "trace": {"traceparent": saga_trace}}
+    with span_for_command(tracer, msg, [("traceparent", sender.encode())]) as span:
+        reply_headers = dict(kafka_headers(span))
+    [done] = exporter.get_finished_spans()
+    assert done.name == "compensate charge"
+    assert f"{done.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert done.attributes["sagaz.command_id"] == "s|charge|2|compensate"
+    carried = reply_headers["traceparent"].decode()
+    assert carried.split("-")[2] == f"{done.context.span_id:016x}"
+    assert trace_id_of({"traceparent": carried}) == "0af7651916cd43dd8448eb211c80319c"
