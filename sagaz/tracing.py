@@ -89,7 +89,9 @@ def hop_span(tracer: Any, name: str, parent: dict[str, str] | None,
     from opentelemetry.trace import SpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    context = TraceContextTextMapPropagator().extract(parent or {})
+    carrier = {k: v for k, v in parent.items() if isinstance(k, str) and isinstance(v, str)
+               } if isinstance(parent, dict) else {}  # an input's: not yet validated
+    context = TraceContextTextMapPropagator().extract(carrier)
     return tracer.start_as_current_span(name, context=context, kind=SpanKind[kind],
                                         attributes=attributes)
 

@@ -253,7 +253,7 @@ class OrchestratorApp:
         value = event.value
         try:
             msg = orjson.loads(value)
-        except orjson.JSONDecodeError:
+        except (orjson.JSONDecodeError, TypeError):  # malformed (dead-lettered below)
             msg = None
         msg = msg if isinstance(msg, dict) else {}
         parent = tracing.from_kafka_headers(event.message.headers) or msg.get("trace")
@@ -271,7 +271,7 @@ class OrchestratorApp:
                                                     "ok", "command_id")
                       if isinstance(msg.get(k), (str, int, bool))}
         with tracing.hop_span(self.tracer, name, parent, attributes) as span:
-            if kind == "start" and not isinstance(msg.get("trace"), dict):
+            if kind == "start" and msg.get("trace") is None:
                 msg["trace"] = tracing.span_headers(span)
                 value = orjson.dumps(msg)
             logged = logs.bind(None, trace=span, raw=event.value)

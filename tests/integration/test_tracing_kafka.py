@@ -203,9 +203,28 @@ async def test_a_saga_is_one_trace_and_its_log_lines_name_it(
         # the outcome carries the saga's context: the client's start span
         assert failed["trace"]["traceparent"].split("-")[1] == format(bad_trace, "032x")
 
+        # a start without a trace (an untraced client): the worker's span is the saga's
+        # trace, carried to its outcome
+        plain = "plain-" + topic_prefix
+        await client.producer.send_and_wait(
+            f"{topic_prefix}.commands", messages.encode("start", plain, None, saga="traced",
+                                                        data={}, idempotency_key=None),
+            key=plain.encode())
+        plain_done = await client.wait(plain, timeout=30)
+        [root] = [s for s in exporter.get_finished_spans() if s.name == "orchestrate start"
+                  and s.attributes["sagaz.saga_id"] == plain]
+        assert root.parent is None
+        assert chain(await spans_of(exporter, root.context.trace_id, 7)) == [
+            "orchestrate start", "run reserve", "orchestrate result reserve (run)",
+            "run charge", "orchestrate result charge (run)",
+            "run ship", "orchestrate result ship (run)"]
+        assert plain_done["trace"]["traceparent"].split("-")[1:3] == [
+            format(root.context.trace_id, "032x"), format(root.context.span_id, "016x")]
+
         # -- log lines: the participant's (the steps' own) and the worker's
         trace_hex = {ok: format(ok_trace, "032x"), bad: format(bad_trace, "032x")}
-        step_lines = [line for line in lines.lines if line["logger"] == "tests.steps"]
+        step_lines = [line for line in lines.lines if line["logger"] == "tests.steps"
+                      and line["saga_id"] != plain]
         assert len(step_lines) == 3 + 4 + 2  # ok: 3 steps; bad: 2 + ship twice + 2 undo
         for line in step_lines:
             step = {"reserving": "reserve", "releasing": "reserve", "charging": "charge",
