@@ -103,6 +103,20 @@ def set_error(span: Any, error: str | None) -> None:
     span.set_status(Status(StatusCode.ERROR, error or "failed"))
 
 
+def configured_tracer(name: str) -> Any:
+    """The process's OpenTelemetry tracer when the process configured one (a TracerProvider
+    was set: by ``opentelemetry-instrument``, or a ``sitecustomize``), else None; the CLI's
+    worker, participant and ``start`` use it. Imports nothing when OpenTelemetry was not."""
+    if "opentelemetry.trace" not in sys.modules:
+        return None
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None
+    return provider.get_tracer(name)
+
+
 def current_trace_headers() -> dict[str, str]:
     """W3C trace context of the current span, if the application uses OpenTelemetry (the
     API is already imported); else nothing, and OpenTelemetry is not imported."""

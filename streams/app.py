@@ -522,7 +522,9 @@ class OrchestratorApp:
 
 def run_worker(settings: Settings) -> None:
     """Run one orchestrator worker in this process until SIGINT/SIGTERM (the CLI's job)."""
-    oapp = OrchestratorApp(settings)
+    from sagaz.tracing import configured_tracer
+
+    oapp = OrchestratorApp(settings, tracer=configured_tracer("sagaz.worker"))
     asyncio.run(oapp.prepare())
     from faust.worker import Worker
 

@@ -120,3 +120,31 @@ def test_a_command_span_is_the_child_of_the_sending_span_in_its_headers():
     carried = reply_headers["traceparent"].decode()
     assert carried.split("-")[2] == f"{done.context.span_id:016x}"
     assert trace_id_of({"traceparent": carried}) == "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_the_cli_traces_only_when_the_process_configured_a_tracer_provider():
+    """``configured_tracer``: None without OpenTelemetry (nothing imported), None with its
+    API but no provider, the provider's tracer once one is set (opentelemetry-instrument)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from sagaz.tracing import configured_tracer\n"
+        "out = [configured_tracer('x') is None, 'opentelemetry.trace' in sys.modules]\n"
+        "from opentelemetry import trace\n"
+        "out.append(configured_tracer('x') is None)\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import "
+        "InMemorySpanExporter\n"
+        "exporter = InMemorySpanExporter(); provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(exporter))\n"
+        "trace.set_tracer_provider(provider)\n"
+        "with configured_tracer('sagaz.worker').start_as_current_span('s'): pass\n"
+        "out.append([s.name for s in exporter.get_finished_spans()])\n"
+        "print(json.dumps(out))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [True, False, True, ["s"]]
