@@ -276,6 +276,15 @@ async def test_a_saga_is_one_trace_and_its_log_lines_name_it(
         assert chain(await st.trace(root.trace, len(HAPPY) - 1)) == HAPPY[1:]
         assert plain_done["trace"]["traceparent"].split("-")[1:3] == [root.trace, root.span]
 
+        # A client without a tracer passes on the application's current span.
+        async with SagaClient(kafka_bootstrap, prefix=topic_prefix, listen=False) as plain_client:
+            with st.provider.get_tracer("app").start_as_current_span("checkout") as checkout:
+                app_sid = await plain_client.start("traced", {})
+        await client.wait(app_sid, timeout=30)
+        [app_start] = [s for s in st.spans() if s.name == "orchestrate start"
+                       and s.saga_id == app_sid]
+        assert app_start.parent == format(checkout.get_span_context().span_id, "016x")
+
         # A result for a step the saga does not have: the worker dead-letters it; its
         # warning names the saga, the step, the command and the trace, its span failed.
         parent = "00-" + "1f" * 16 + "-" + "2e" * 8 + "-01"
