@@ -77,6 +77,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_participant(args: argparse.Namespace) -> int:
     from sagaz.logs import configure
     from sagaz.participant import Participant
+    from sagaz.tracing import configured_tracer
     from streams.config import load_sagas
 
     configure(args.log_level or "info", args.log_format)
@@ -95,7 +96,8 @@ def cmd_participant(args: argparse.Namespace) -> int:
                                   inbox=storage.replies if storage else None,
                                   datadir=args.datadir, concurrency=args.concurrency,
                                   replication=_replication(args),
-                                  registry=registry, security=security)
+                                  registry=registry, security=security,
+                                  tracer=configured_tracer("sagaz.participant"))
         health = await _serve_health(args, registry, live=participant.live,
                                      ready=participant.ready, details=participant.health)
         loop = asyncio.get_running_loop()
@@ -120,8 +122,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     security = _security(args)
 
     async def main() -> None:
+        from sagaz.tracing import configured_tracer
+
         async with SagaClient(_bootstrap(args), prefix=args.prefix or "sagaz",
-                              listen=args.wait, security=security) as client:
+                              listen=args.wait, security=security,
+                              tracer=configured_tracer("sagaz.client")) as client:
             sid = await client.start(args.saga, data, idempotency_key=args.idempotency_key)
             print(sid)
             if args.wait:

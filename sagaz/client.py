@@ -33,6 +33,7 @@ from sagaz.definition import Saga
 from sagaz.messages import MAX_MESSAGE_BYTES
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import topic_partition
+from sagaz.tracing import current_trace_headers
 
 #: Bytes of a saga row that are not its data: state, step records, inbox of event ids.
 ROW_HEADROOM = 64 * 1024
@@ -51,7 +52,9 @@ class SagaClient:
                  keep_outcomes_for: float = 600.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  on_outcome: Callable[[dict[str, Any]], None] | None = None,
-                 security: KafkaSecurity | None = None) -> None:
+                 security: KafkaSecurity | None = None, tracer: Any = None) -> None:
+        """``tracer``: an OpenTelemetry tracer; each start is then a span whose context
+        the saga carries (one trace to its outcome, ``sagaz.tracing``)."""
         for name, value, low in (("keep_outcomes", keep_outcomes, 0),
                                  ("keep_outcomes_for", keep_outcomes_for, 0),
                                  ("max_message_bytes", max_message_bytes, ROW_HEADROOM + 1024)):
@@ -66,6 +69,7 @@ class SagaClient:
         self.listen = listen
         self.keep_outcomes = keep_outcomes
         self.on_outcome = on_outcome  # called with each outcome message as it arrives
+        self.tracer = tracer
         self.producer: Any = None
         self._consumer: Any = None
         self._listener: asyncio.Task[None] | None = None
@@ -170,9 +174,28 @@ class SagaClient:
                 raise ValueError("give saga_id or idempotency_key, not both")
             saga_id = derived
         saga_id = saga_id or uuid.uuid4().hex
-        value = self._start_message(saga_id, trace, name, data or {}, idempotency_key)
+        if self.tracer is not None:
+            return await self._traced_start(saga_id, trace, name, data or {}, idempotency_key)
+        value = self._start_message(saga_id, trace or current_trace_headers(), name,
+                                    data or {}, idempotency_key)
         await self.producer.send_and_wait(f"{self.prefix}.commands", value,
                                           key=saga_id.encode())
+        return saga_id
+
+    async def _traced_start(self, saga_id: str, trace: dict[str, str] | None, name: str,
+                            data: dict[str, Any], idempotency_key: str | None) -> str:
+        """A start in a span, the child of ``trace`` (else of the current span); the saga
+        carries the span's context."""
+        from sagaz import tracing
+
+        parent = trace or current_trace_headers()
+        with tracing.hop_span(self.tracer, f"start {name}", parent,
+                              {"sagaz.saga": name, "sagaz.saga_id": saga_id},
+                              kind="PRODUCER") as span:
+            value = self._start_message(saga_id, tracing.span_headers(span), name, data,
+                                        idempotency_key)
+            await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+                                              key=saga_id.encode())
         return saga_id
 
     async def start_many(self, saga: str | Saga, items: list[dict[str, Any]]) -> list[str]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterable
 from functools import partial
 from typing import Any
 
+from sagaz import logs as _logs
 from sagaz import machine as m
 from sagaz.context import SagaContext, check_serialisable
 from sagaz.definition import Saga
@@ -121,6 +122,8 @@ class _Run:
         save_each = not store.keeps_live_state
         if self.tracer is not None:
             self.span = self.tracer.run_span(plan.name, state.saga_id)
+        # log lines of this run carry its saga id (sagaz.logs; only when JSON logs want it)
+        logged = _logs.bind(state.saga_id, trace=self.span) if _logs.wanted else None
         try:
             await store.save(state, ctx, self.key)
             execute(cmds)
@@ -147,6 +150,8 @@ class _Run:
             if self.tracer is not None and self.span is not None:
                 self.tracer.end(self.span, None if state.status is m.SagaStatus.COMPLETED
                                 else f"{state.status.value}: {state.failure}")
+            if logged is not None:
+                _logs.unbind(logged)
         failed = state.failed_step
         return SagaResult(plan, state, ctx.data, ctx.results,
                           self.errors.get(failed) if failed else None)
@@ -209,6 +214,11 @@ class _Run:
                 self.span, "step" if kind == _RUN else "compensate", step, attempt,
                 self.ctx.saga_id)
         fn = self.actions[step][kind]
+        # The step's log lines carry its fields: bound while it starts, and in the task that
+        # continues it (a task copies the context it is created in).
+        logged = _logs.bind(self.ctx.saga_id, step, m.command_id(
+            self.ctx.saga_id, step, attempt, "run" if kind == _RUN else "compensate"),
+            self.spans.get((kind, step, attempt)) or self.span) if _logs.wanted else None
         try:
             coro: Any = fn(self.ctx)  # type: ignore[misc]  # _prepare: actions exist
             yielded = coro.send(None)
@@ -222,9 +232,13 @@ class _Run:
                 exc.__traceback__ = exc.__traceback__.tb_next
             self.outcome(kind, step, attempt, None, exc)
             return
-        task = self.loop.create_task(_continue(coro, yielded))
-        self.tasks[(kind, step, attempt)] = task
-        task.add_done_callback(partial(self.task_done, kind, step, attempt))
+        else:
+            task = self.loop.create_task(_continue(coro, yielded))
+            self.tasks[(kind, step, attempt)] = task
+            task.add_done_callback(partial(self.task_done, kind, step, attempt))
+        finally:
+            if logged is not None:
+                _logs.unbind(logged)
 
     def task_done(self, kind: int, step: str, attempt: int, task: asyncio.Task[Any]) -> None:
         del self.tasks[(kind, step, attempt)]

@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from sagaz import messages
+from sagaz import logs, messages
 from sagaz.context import SagaContext
 from sagaz.definition import Saga, Step
 from sagaz.errors import describe
@@ -364,6 +364,9 @@ class Participant:
                    previous: asyncio.Task[None] | None) -> None:
         if previous is not None:  # one step's commands run in order
             await asyncio.wait([previous])
+        # this command's log lines (the step's own included) carry its saga fields
+        logged = logs.bind(msg["saga_id"], msg["step"], msg["command_id"], msg.get("trace")
+                           ) if isinstance(msg, dict) else logs.bind(None, raw=record.value)
         try:
             topic, key, value, headers = await self.handle(record, msg)
             await (await self.producer.send(topic, value, key=key, headers=headers))
@@ -384,6 +387,8 @@ class Participant:
                           f"not answered: {describe(exc)}"
             log.error("%s", self._fatal)
             return
+        finally:
+            logs.unbind(logged)
         pending = self._pending.get(tp)
         if pending is not None:
             pending.discard(record.offset)
@@ -405,6 +410,7 @@ class Participant:
             return self.results_topic, key, recorded, []
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._running[command_id] = fut
+        out_headers: list[tuple[str, bytes]] = []  # the step span's context, when tracing
         t0 = time.perf_counter()
         try:
             if starts >= self.max_crashes:
@@ -425,10 +431,14 @@ class Participant:
                     if self.tracer is None:
                         reply, ok = await self.execute(msg)
                     else:
-                        from sagaz.tracing import span_for_command
+                        from sagaz import tracing
 
-                        with span_for_command(self.tracer, msg):
+                        with tracing.span_for_command(self.tracer, msg, record.headers) as span:
                             reply, ok = await self.execute(msg)
+                            if not ok:
+                                tracing.set_error(span, orjson.loads(reply).get("error"))
+                        # the reply's record headers: the worker's next span is its child
+                        out_headers = tracing.kafka_headers(span)
                 except asyncio.CancelledError:
                     # Cancelled here (shutdown, revoke): not a crash. Count it back.
                     if self._changelog is not None:
@@ -447,7 +457,7 @@ class Participant:
         if self.metrics is not None:
             self.metrics.seconds.labels(msg["type"]).observe(time.perf_counter() - t0)
             self._count(msg["type"], "ok" if ok else "error")
-        return self.results_topic, key, reply, []
+        return self.results_topic, key, reply, out_headers
 
     async def _recorded(self, partition: int, command_id: str) -> tuple[bytes | None, int]:
         if self._changelog is not None:

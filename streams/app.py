@@ -51,7 +51,7 @@ import orjson
 from faust.streams import _current_event
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from sagaz import messages
+from sagaz import logs, messages
 from sagaz import metrics as catalogue
 from sagaz.definition import Saga
 from sagaz.errors import describe
@@ -184,8 +184,11 @@ DEAD_LETTER_TIMEOUT = 20.0  # seconds to wait for the broker's ack of one attemp
 class OrchestratorApp:
     """One orchestrator worker. ``app`` is the Faust app; ``start``/``stop`` run it here."""
 
-    def __init__(self, settings: Settings, sagas: list[Saga] | None = None) -> None:
+    def __init__(self, settings: Settings, sagas: list[Saga] | None = None, *,
+                 tracer: Any = None) -> None:
+        """``tracer``: an OpenTelemetry tracer, a span per input (``sagaz.tracing``)."""
         self.settings = settings
+        self.tracer = tracer
         self.topics = Topics(settings.prefix)
         self.orchestrator = Orchestrator(sagas if sagas is not None else settings.load_sagas(),
                                          self.topics, inbox_size=settings.inbox_size,
@@ -361,6 +364,57 @@ class OrchestratorApp:
         self._agent_state = "agent stopped: its stream ended"
 
     async def process(self, event: Any) -> None:
+        """Handle one input. Its log lines carry its saga fields (``sagaz.logs``, worked out
+        from the input only when a line is written); traced, it runs in a span."""
+        logged = logs.bind(None, raw=event.value)
+        try:
+            if self.tracer is None:
+                await self._process(event)
+            else:
+                await self._traced(event)
+        finally:
+            logs.unbind(logged)
+
+    async def _traced(self, event: Any) -> None:
+        """``_process`` in a span, the child of the span that sent the input (its Kafka
+        headers), else of the saga's trace (the message's, else the row's: timer events
+        carry none); every output carries the span's context in its headers. A start
+        without a trace makes this span the saga's trace."""
+        from sagaz import tracing
+
+        value = event.value
+        try:
+            msg = orjson.loads(value)
+        except (orjson.JSONDecodeError, TypeError):  # malformed (dead-lettered below)
+            msg = None
+        msg = msg if isinstance(msg, dict) else {}
+        parent = tracing.from_kafka_headers(event.message.headers) or msg.get("trace")
+        if not parent and msg.get("type") != "start":
+            token = _current_event.set(weakref.ref(event))
+            try:
+                row = self.table.get(event.key)
+            finally:
+                _current_event.reset(token)
+            parent = orjson.loads(row).get("trace") if row is not None else None
+        kind = msg.get("type")
+        name = f"orchestrate {kind} {msg['step']}" if kind == "result" and isinstance(
+            msg.get("step"), str) else f"orchestrate {kind or 'input'}"
+        attributes = {f"sagaz.{k}": msg[k] for k in ("saga_id", "step", "attempt", "action",
+                                                    "ok", "command_id")
+                      if isinstance(msg.get(k), (str, int, bool))}
+        with tracing.hop_span(self.tracer, name, parent, attributes) as span:
+            if kind == "start" and msg.get("trace") is None:
+                msg["trace"] = tracing.span_headers(span)
+                value = orjson.dumps(msg)
+            logged = logs.bind(None, trace=span, raw=event.value)
+            try:
+                await self._process(event, tracing.kafka_headers(span), value)
+            finally:
+                logs.unbind(logged)
+
+    async def _process(self, event: Any, headers: list[tuple[str, bytes]] | None = None,
+                       value: bytes | None = None) -> None:
+        """``value``: the input's value when it is not ``event.value`` as it came."""
         message = event.message
         tp = message.tp
         if tp in self.stalled or self.fenced is not None:
@@ -373,7 +427,8 @@ class OrchestratorApp:
         reason: str | None
         try:
             try:
-                out = self.orchestrator.process(message.topic, event.key, event.value,
+                out = self.orchestrator.process(message.topic, event.key,
+                                                event.value if value is None else value,
                                                 self.table.get(event.key), time.time())
             except DefinitionUnavailable as exc:  # wait for a worker that has it
                 self._wait_for_definition(tp, message, exc)
@@ -396,7 +451,7 @@ class OrchestratorApp:
                 for topic, key, value in out.sends:
                     partition = message.partition if self._counts.get(topic) == n else None
                     send = functools.partial(producer.send, topic, value, key=key,
-                                             partition=partition)
+                                             partition=partition, headers=headers)
                     resends.append(send)
                     try:
                         futures.append(await send())
@@ -529,6 +584,12 @@ class OrchestratorApp:
         DeadLetterFailed when it cannot be written. A copy that would be too large keeps a
         truncated value, with the original size and SHA-256 in headers."""
         self.metrics.events.labels("dead_letter").inc()
+        if self.tracer is not None:
+            from opentelemetry.trace import get_current_span
+
+            from sagaz.tracing import set_error
+
+            set_error(get_current_span(), clip(reason, 500))
         log.warning("dead-lettering %s:%s@%s: %s", message.topic, message.partition,
                     message.offset, clip(reason, 500))
         key, value, headers = messages.dead_letter_record(
@@ -693,7 +754,9 @@ class OrchestratorApp:
 
 def run_worker(settings: Settings) -> None:
     """Run one orchestrator worker in this process until SIGINT/SIGTERM (the CLI's job)."""
-    oapp = OrchestratorApp(settings)
+    from sagaz.tracing import configured_tracer
+
+    oapp = OrchestratorApp(settings, tracer=configured_tracer("sagaz.worker"))
     asyncio.run(oapp.prepare())
 
     def exit_now(reason: str) -> None:

@@ -84,3 +84,67 @@ async def test_outbox_events_carry_the_trace_they_were_added_in():
                                      event_type="Paid", payload={},
                                      headers={"traceparent": "mine"})
     assert plain.headers == {"traceparent": "mine"}
+
+
+def test_trace_ids_and_kafka_headers_without_a_span():
+    from sagaz.tracing import from_kafka_headers, trace_id_of
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert trace_id_of({"traceparent": parent}) == "0af7651916cd43dd8448eb211c80319c"
+    for bad in (None, {}, {"traceparent": "garbage"}, {"traceparent": 5},
+                {"traceparent": "00-" + "0" * 32 + "-b7ad6b7169203331-01"}):
+        assert trace_id_of(bad) is None
+    headers = [("traceparent", parent.encode()), ("sagaz-reason", b"x"),
+               ("tracestate", b"k=v")]
+    assert from_kafka_headers(headers) == {"traceparent": parent, "tracestate": "k=v"}
+    assert from_kafka_headers(None) == {} and from_kafka_headers(()) == {}
+
+
+def test_a_command_span_is_the_child_of_the_sending_span_in_its_headers():
+    """The record's headers (the worker's span) win over the saga's trace field; the reply
+    carries the command span's own context."""
+    from sagaz.tracing import kafka_headers, trace_id_of
+
+    tracer, exporter = tracer_and_spans()
+    saga_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    sender = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+    msg = {"type": "compensate", "step": "charge", "saga_id": "s", "attempt": 2,
+           "saga": "order", "command_id": "s|charge|2|compensate",
+           "trace": {"traceparent": saga_trace}}
+    with span_for_command(tracer, msg, [("traceparent", sender.encode())]) as span:
+        reply_headers = dict(kafka_headers(span))
+    [done] = exporter.get_finished_spans()
+    assert done.name == "compensate charge"
+    assert f"{done.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert done.attributes["sagaz.command_id"] == "s|charge|2|compensate"
+    carried = reply_headers["traceparent"].decode()
+    assert carried.split("-")[2] == f"{done.context.span_id:016x}"
+    assert trace_id_of({"traceparent": carried}) == "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_the_cli_traces_only_when_the_process_configured_a_tracer_provider():
+    """``configured_tracer``: None without OpenTelemetry (nothing imported), None with its
+    API but no provider, the provider's tracer once one is set (opentelemetry-instrument)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from sagaz.tracing import configured_tracer\n"
+        "out = [configured_tracer('x') is None, 'opentelemetry.trace' in sys.modules]\n"
+        "from opentelemetry import trace\n"
+        "out.append(configured_tracer('x') is None)\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import "
+        "InMemorySpanExporter\n"
+        "exporter = InMemorySpanExporter(); provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(exporter))\n"
+        "trace.set_tracer_provider(provider)\n"
+        "with configured_tracer('sagaz.worker').start_as_current_span('s'): pass\n"
+        "out.append([s.name for s in exporter.get_finished_spans()])\n"
+        "print(json.dumps(out))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [True, False, True, ["s"]]
