@@ -38,11 +38,14 @@ COMP_RETRY = Retry(attempts=20, backoff=0.05, max_backoff=1.0)
 
 
 def command_id() -> str:
+    """The id of the command this step runs for (the participant binds it for its logs)."""
     from sagaz import logs
 
-    current = getattr(logs, "current", None)  # the log context of the command in hand
-    fields = current() if callable(current) else {}
-    return str(fields.get("command_id") or "-")
+    fields = logs.current_fields() or {}
+    command = fields.get("command_id")
+    if not command:
+        raise RuntimeError("no command id bound: run these sagas through sagaz participant")
+    return str(command)
 
 
 def _append(action: str, step: str, ctx: SagaContext) -> None:
