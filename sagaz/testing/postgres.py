@@ -38,8 +38,11 @@ def _bindir() -> Path:
 
 
 class LocalPostgres:
-    def __init__(self, *, port: int | None = None) -> None:
+    def __init__(self, *, port: int | None = None, durable: bool = False) -> None:
+        """``durable``: fsync and synchronous commits on (a crash loses nothing committed;
+        for crash tests). Off by default: faster, and a test server is thrown away."""
         self.port = port or free_port()
+        self.durable = durable
         self.workdir = Path(tempfile.mkdtemp(prefix="sagaz-pg-"))
         self.datadir = self.workdir / "data"
         self.bindir = _bindir()
@@ -75,9 +78,11 @@ class LocalPostgres:
         return self
 
     def _pg_start(self) -> None:
+        sync = "on" if self.durable else "off"
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                f"-c unix_socket_directories={self.workdir} -c fsync=off "
-                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
+                f"-c unix_socket_directories={self.workdir} -c fsync={sync} "
+                f"-c synchronous_commit={sync} -c full_page_writes={sync} "
+                f"-c max_connections=100")
         out = self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.workdir / "log"),
                         "-o", opts, "-w", "-t", "60", "start")
         if out.returncode != 0:

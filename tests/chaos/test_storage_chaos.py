@@ -59,7 +59,7 @@ async def test_postgresql_down_during_outbox_load(kafka_bootstrap: str, tmp_path
     n, outage, aggregates = size(2_000, 10_000), size(10, 30), 100
     topic = f"chaos-outbox-{uuid.uuid4().hex[:8]}"
     await ensure_topics(kafka_bootstrap, {topic: 4})
-    pg = await asyncio.to_thread(LocalPostgres().start)
+    pg = await asyncio.to_thread(LocalPostgres(durable=True).start)  # a crash keeps commits
     fig = Figures("postgresql-down-outbox", n)
     workers: list[Any] = []
     try:
