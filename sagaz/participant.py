@@ -49,7 +49,7 @@ import orjson
 from sagaz import logs, messages
 from sagaz.context import SagaContext
 from sagaz.definition import Saga, Step
-from sagaz.errors import describe
+from sagaz.errors import SagazError, describe
 from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 from sagaz.security import KafkaSecurity, options, start_client
@@ -57,6 +57,13 @@ from sagaz.topics import ensure_topics, producer_stopped
 from sagaz.versions import Definitions
 
 log = logging.getLogger("sagaz.participant")
+
+SESSION_TIMEOUT = 10.0  # seconds: aiokafka's group session timeout, which the consumer keeps
+
+
+class StaleCommand(SagazError):
+    """A command fetched before this participant lost (or may have lost) its partition:
+    not started here; the partition's owner answers it."""
 
 _COMMANDS = frozenset({"run", "compensate"})
 COMMIT_GRACE = 60.0  # seconds of failing offset commits before the participant is unready
@@ -139,6 +146,12 @@ class Participant:
         self._fatal: str | None = None
         self._loop_state: str | None = None  # None: not started; "running"; or why not
         self._assigned = False
+        # Fencing a participant cut off from its group (see _still_member): rebalances seen
+        # (a command fetched before one is not started after it), and when the group last
+        # confirmed this member (a successful heartbeat or join).
+        self._epoch = 0
+        self._confirmed = time.monotonic()
+        self._heartbeats_seen = False
         self._commit_failing_since: float | None = None
         self._commit_error: str | None = None
         self.consumer: Any = None
@@ -219,6 +232,7 @@ class Participant:
                 self._changelog.producer = self.producer
             self.consumer.subscribe([self.topic], listener=Listener())
             await start_client(self.consumer, self.bootstrap, self.security, what=what)
+            self._watch_heartbeats()
         except BaseException:  # neither may be left open (stop() is idempotent)
             await self.producer.stop()
             await self.consumer.stop()
@@ -308,7 +322,45 @@ class Participant:
             await self.consumer.commit(offsets)
             self._committed.update(offsets)
 
+    def _watch_heartbeats(self) -> None:
+        """Note each heartbeat the group coordinator accepts (aiokafka keeps that to itself:
+        its coordinator's ``_do_heartbeat`` is wrapped; without it, no heartbeat fence)."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        beat = getattr(coordinator, "_do_heartbeat", None)
+        if beat is None:
+            log.warning("aiokafka without GroupCoordinator._do_heartbeat: commands are not "
+                        "fenced against a lost group membership")
+            self._heartbeats_seen = False
+            return
+
+        async def heartbeat() -> bool:
+            ok: bool = await beat()
+            if ok:
+                self._confirmed = time.monotonic()
+            return ok
+
+        coordinator._do_heartbeat = heartbeat  # type: ignore[union-attr]
+        self._heartbeats_seen = True
+
+    async def _still_member(self, epoch: int) -> None:
+        """Right before a step runs: the group still counts this participant as the owner
+        of the command's partition. A participant cut off from the broker longer than the
+        session timeout has lost its partitions to another member, which runs their
+        commands (and retries: new attempts); starting one it fetched before would apply an
+        attempt's effect after the saga moved on, a duplicate nobody compensates. So a
+        command waits while the last confirmation (a heartbeat the coordinator accepted) is
+        older than half the session timeout, and is dropped (left to the partition's owner,
+        its offset not committed) once a rebalance began after it was fetched."""
+        limit = SESSION_TIMEOUT / 2
+        while True:
+            if epoch != self._epoch:
+                raise StaleCommand("a rebalance began after it was fetched")
+            if not self._heartbeats_seen or time.monotonic() - self._confirmed < limit:
+                return
+            await asyncio.sleep(0.05)
+
     async def _revoked(self, revoked: list[Any]) -> None:
+        self._epoch += 1  # commands fetched before this are not started any more
         tasks = [t for tp in revoked for t in self._by_tp.get(tp, ())]
         await self._drain(tasks)
         try:
@@ -335,6 +387,7 @@ class Participant:
             log.info("inbox partitions %s restored in %.3f s",
                      sorted(tp.partition for tp in assigned), took)
         self._assigned = bool(self.consumer.assignment())
+        self._confirmed = time.monotonic()  # the group just (re)admitted this member
 
     # -- one command
 
@@ -347,7 +400,7 @@ class Participant:
         except MessageError as exc:
             msg, chain = str(exc), None
         previous = self._chains.get(chain) if chain is not None else None
-        task = asyncio.create_task(self._one(tp, record, msg, previous))
+        task = asyncio.create_task(self._one(tp, record, msg, previous, self._epoch))
         if chain is not None:
             self._chains[chain] = task
         self._tasks.add(task)
@@ -361,17 +414,21 @@ class Participant:
         task.add_done_callback(done)
 
     async def _one(self, tp: Any, record: Any, msg: dict[str, Any] | str,
-                   previous: asyncio.Task[None] | None) -> None:
+                   previous: asyncio.Task[None] | None, epoch: int = 0) -> None:
         if previous is not None:  # one step's commands run in order
             await asyncio.wait([previous])
         # this command's log lines (the step's own included) carry its saga fields
         logged = logs.bind(msg["saga_id"], msg["step"], msg["command_id"], msg.get("trace")
                            ) if isinstance(msg, dict) else logs.bind(None, raw=record.value)
         try:
-            topic, key, value, headers = await self.handle(record, msg)
+            topic, key, value, headers = await self.handle(record, msg, epoch)
             await (await self.producer.send(topic, value, key=key, headers=headers))
         except asyncio.CancelledError:
             raise
+        except StaleCommand as exc:
+            log.info("command %s:%s@%s not started: %s; left to the partition's owner",
+                     record.topic, record.partition, record.offset, exc)
+            return
         except PartitionRevoked as exc:
             if tp not in self.consumer.assignment():  # its new owner answers it
                 log.info("command %s:%s@%s left to the partition's new owner: %s",
@@ -393,7 +450,7 @@ class Participant:
         if pending is not None:
             pending.discard(record.offset)
 
-    async def handle(self, record: Any, msg: dict[str, Any] | str
+    async def handle(self, record: Any, msg: dict[str, Any] | str, epoch: int | None = None
                      ) -> tuple[str, bytes | None, bytes | None, list[Any]]:
         """The message to send for one command (``msg``: decoded, or why it is not)."""
         if isinstance(msg, str):
@@ -425,8 +482,19 @@ class Participant:
                                     applied=msg["type"] == "run")
                 ok = False
             else:
+                if epoch is not None:
+                    await self._still_member(epoch)
                 if self._changelog is not None:
                     await self._changelog.started(record.partition, command_id, starts + 1)
+                if epoch is not None:  # that write may have waited out a lost membership
+                    try:
+                        await self._still_member(epoch)
+                    except StaleCommand:
+                        if self._changelog is not None:  # not a crash: count it back
+                            with contextlib.suppress(Exception):
+                                await asyncio.shield(self._changelog.started(
+                                    record.partition, command_id, starts))
+                        raise
                 try:
                     if self.tracer is None:
                         reply, ok = await self.execute(msg)
