@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sagaz import machine as m
 from sagaz.context import SagaContext, check_serialisable
@@ -35,6 +35,9 @@ from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
 from sagaz.store import InMemorySagaStore, SagaRecord, SagaStore
 from sagaz.tracing import SagaTracer
+
+if TYPE_CHECKING:
+    from sagaz.metrics import RunMetrics
 
 _RUN, _COMP = 0, 1
 _PLAIN = frozenset({type(None), str, int, float, bool})  # serialisable as they are
@@ -92,8 +95,9 @@ async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
 class _Run:
     """One saga run being driven. Not reusable."""
 
-    __slots__ = ("actions", "clock", "ctx", "errors", "key", "loop", "plan", "queue", "saga",
-                 "span", "spans", "store", "tasks", "timers", "tracer", "waiter", "watchers")
+    __slots__ = ("actions", "began", "clock", "ctx", "errors", "key", "loop", "metrics", "plan",
+                 "queue", "saga", "span", "spans", "state", "store", "tasks", "timers",
+                 "tracer", "waiter", "watchers")
 
     def __init__(self, engine: Engine, saga: Saga, plan: Plan, ctx: SagaContext,
                  key: str | None) -> None:
@@ -109,6 +113,9 @@ class _Run:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.errors: dict[str, BaseException] = {}
         self.watchers: asyncio.Future[SagaResult] | None = None  # made when someone waits
+        self.metrics = engine.metrics  # None: no metrics, and no cost but these checks
+        self.state: SagaState | None = None  # for metrics: in flight, timed-out attempts
+        self.began: dict[tuple[int, str, int], float] = {}  # attempt -> perf_counter start
 
     # -- the loop
 
@@ -118,6 +125,7 @@ class _Run:
         save_each = not store.keeps_live_state
         if self.tracer is not None:
             self.span = self.tracer.run_span(plan.name, state.saga_id)
+        self.state = state
         try:
             await store.save(state, ctx, self.key)
             execute(cmds)
@@ -138,6 +146,10 @@ class _Run:
                 execute(cmds)
             if not save_each:
                 await store.save(state, ctx, self.key)
+            if self.metrics is not None:
+                self.metrics.ended(plan.name, state.status.value,
+                                   None if state.ended_at is None
+                                   else state.ended_at - state.started_at)
         finally:
             if self.timers or self.tasks:
                 await self.settle()
@@ -201,6 +213,10 @@ class _Run:
             self.outcome(kind, step, attempt, None, asyncio.CancelledError())
 
     def start(self, kind: int, step: str, attempt: int) -> None:
+        if self.metrics is not None:
+            self.began[(kind, step, attempt)] = time.perf_counter()
+            if attempt > 1 and kind == _RUN:
+                self.metrics.retry(self.plan.name, step)
         if self.tracer is not None:
             self.spans[(kind, step, attempt)] = self.tracer.attempt_span(
                 self.span, "step" if kind == _RUN else "compensate", step, attempt,
@@ -242,6 +258,8 @@ class _Run:
                 check_serialisable(f"result of step {step!r}", value)
             except SagaContextError as bad:
                 exc = bad
+        if self.metrics is not None:
+            self.observe(kind, step, attempt, exc)
         if exc is None:
             if kind == _RUN:
                 self.push(m.StepSucceeded(step, attempt), value)
@@ -261,6 +279,33 @@ class _Run:
                 step, attempt, "cancelled" if cancelled else describe(exc),
                 not cancelled and policy.compensation_retry.retryable(exc)))
 
+    def observe(self, kind: int, step: str, attempt: int, exc: BaseException | None) -> None:
+        """Metrics of an attempt that ended. Only attempts started here count: a
+        cancellation confirmed for an attempt that had already ended (or ran in another
+        process before a resume) is not a second outcome."""
+        began = self.began.pop((kind, step, attempt), None)
+        if began is None or self.metrics is None:
+            return
+        seconds = time.perf_counter() - began
+        if exc is None:
+            outcome = "succeeded"
+        elif isinstance(exc, asyncio.CancelledError):
+            # The machine marks an attempt it cancels at its timeout until it has stopped.
+            timed_out = self.state is not None and self.state.steps[
+                self.plan.index[step]].timed_out
+            outcome = "timed_out" if timed_out else "cancelled"
+        else:
+            outcome = "failed"
+        self.metrics.attempt(self.plan.name, step, "run" if kind == _RUN else "compensate",
+                             outcome, seconds)
+
+    def in_flight(self) -> tuple[str, m.SagaStatus, float] | None:
+        """(saga, status, started_at) while the run is under way, for the gauges."""
+        state = self.state
+        if state is None or state.status in m.TERMINAL:
+            return None
+        return self.plan.name, state.status, state.started_at
+
 
 class Engine:
     """Runs sagas in this process. Holds no per-saga state besides its store.
@@ -271,11 +316,16 @@ class Engine:
     next run with the key takes over once the lease is out. Meanwhile ``run`` with that
     key raises ``SagaAlreadyRunning`` in other engines (processes); in this engine it waits
     for the run and returns its result. Make it longer than a store write can stall.
+
+    ``metrics``: a prometheus_client ``CollectorRegistry`` (or a ``sagaz.metrics.RunMetrics``)
+    to report the saga run families to (``docs/metrics.md``: executions, durations, steps,
+    retries, timeouts, compensations, in flight); engines given the same registry share its
+    families. None (the default): no metrics, and nothing measured.
     """
 
     def __init__(self, store: SagaStore | None = None, *,
                  clock: Callable[[], float] = time.time, tracer: SagaTracer | None = None,
-                 claim_lease: float = 30.0) -> None:
+                 claim_lease: float = 30.0, metrics: Any = None) -> None:
         if isinstance(claim_lease, bool) or not isinstance(claim_lease, (int, float)) \
                 or not math.isfinite(claim_lease) or claim_lease <= 0:
             raise ValueError(f"claim_lease must be a finite number of seconds > 0, "
@@ -288,6 +338,30 @@ class Engine:
         # (saga name, key) -> the saga id its claim returned, while this engine claims it:
         # a racing run of the same key here waits for that instead of claiming again
         self._claiming: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self.metrics: RunMetrics | None = None
+        if metrics is not None:
+            from sagaz.metrics import RunMetrics, shared
+
+            self.metrics = metrics if isinstance(metrics, RunMetrics) else shared(
+                RunMetrics, metrics)
+            self.metrics.add_in_flight(self._in_flight_counts, self._oldest_in_flight)
+
+    def _in_flight_counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for run in self._inflight.values():
+            live = run.in_flight()
+            if live is not None:
+                key = (live[0], live[1].value)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _oldest_in_flight(self) -> dict[str, float]:
+        now, oldest = self.clock(), {}
+        for run in self._inflight.values():
+            live = run.in_flight()
+            if live is not None:
+                oldest[live[0]] = max(oldest.get(live[0], 0.0), now - live[2])
+        return oldest
 
     async def run(self, saga: Saga, data: dict[str, Any] | None = None, *,
                   saga_id: str | None = None, idempotency_key: str | None = None,
@@ -316,6 +390,8 @@ class Engine:
                               raise_on_failure)
         run = _Run(self, saga, plan, ctx, idempotency_key)
         state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
+        if self.metrics is not None:
+            self.metrics.started(saga.name)
         return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
 
     async def _claim(self, name: str, key: str, saga_id: str) -> str:
