@@ -31,6 +31,7 @@ import orjson
 from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.messages import MAX_MESSAGE_BYTES
+from sagaz.metrics import ClientMetrics, shared
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import topic_partition
 
@@ -51,7 +52,9 @@ class SagaClient:
                  keep_outcomes_for: float = 600.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  on_outcome: Callable[[dict[str, Any]], None] | None = None,
-                 security: KafkaSecurity | None = None) -> None:
+                 security: KafkaSecurity | None = None, registry: Any = None) -> None:
+        """``registry``: a prometheus_client CollectorRegistry for
+        ``saga_client_starts_total`` (None: no metrics)."""
         for name, value, low in (("keep_outcomes", keep_outcomes, 0),
                                  ("keep_outcomes_for", keep_outcomes_for, 0),
                                  ("max_message_bytes", max_message_bytes, ROW_HEADROOM + 1024)):
@@ -72,6 +75,7 @@ class SagaClient:
         # saga id -> (monotonic arrival, outcome), oldest first
         self._outcomes: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self.metrics = shared(ClientMetrics, registry) if registry is not None else None
 
     async def __aenter__(self) -> SagaClient:
         try:
@@ -171,9 +175,18 @@ class SagaClient:
             saga_id = derived
         saga_id = saga_id or uuid.uuid4().hex
         value = self._start_message(saga_id, trace, name, data or {}, idempotency_key)
-        await self.producer.send_and_wait(f"{self.prefix}.commands", value,
-                                          key=saga_id.encode())
+        try:
+            await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+                                              key=saga_id.encode())
+        except Exception:
+            self._count(name, "failed")
+            raise
+        self._count(name, "sent")
         return saga_id
+
+    def _count(self, saga: str, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.starts(saga, outcome).inc(n)
 
     async def start_many(self, saga: str | Saga, items: list[dict[str, Any]]) -> list[str]:
         """Publish many starts, waiting for the broker once; returns their saga ids."""
@@ -185,7 +198,12 @@ class SagaClient:
             futures.append(await self.producer.send(f"{self.prefix}.commands", value,
                                                     key=sid.encode()))
             ids.append(sid)
-        await asyncio.gather(*futures)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
+        self._count(name, "sent", len(outcomes) - len(errors))
+        if errors:
+            self._count(name, "failed", len(errors))
+            raise errors[0]
         return ids
 
     def _start_message(self, saga_id: str, trace: dict[str, str] | None, name: str,
@@ -194,6 +212,7 @@ class SagaClient:
                                 idempotency_key=idempotency_key)
         limit = self.max_message_bytes - ROW_HEADROOM
         if len(value) > limit:
+            self._count(name, "refused")
             raise ValueError(f"saga data too large: the start of {name!r} is {len(value)} "
                              f"bytes, over {limit} (max_message_bytes {self.max_message_bytes}"
                              f" less {ROW_HEADROOM} for the saga's state); keep large "

@@ -356,7 +356,8 @@ class Engine:
         return counts
 
     def _oldest_in_flight(self) -> dict[str, float]:
-        now, oldest = self.clock(), {}
+        now = self.clock()
+        oldest: dict[str, float] = {}
         for run in self._inflight.values():
             live = run.in_flight()
             if live is not None:

@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 log = logging.getLogger("sagaz.metrics")
 T = TypeVar("T")
@@ -291,7 +291,7 @@ def shared(cls: type[T], registry: Any) -> T:
     per = _shared.setdefault(registry, {})
     found = per.get(cls)
     if found is None:
-        found = per[cls] = cls(registry)
+        found = per[cls] = cls(registry)  # type: ignore[call-arg]
     return cast(T, found)
 
 
@@ -362,8 +362,53 @@ class RunMetrics:
     def retry(self, saga: str, step: str) -> None:
         self._retries(saga, step).inc()
 
+    def transition(self, t: Transition) -> None:
+        """What one transition of a remote run (the stream worker's) says: started, ended,
+        an attempt's outcome as reported (its duration as the participant measured it),
+        an attempt abandoned at its timeout, retries issued."""
+        from sagaz import machine as m
 
-def _items(fn: Callable[[], dict[Any, float]], single: bool = False) -> Callable[[], Samples]:
+        saga, event = t.saga, t.event
+        if event is None:
+            self.started(saga)
+        else:
+            kind = type(event)
+            if kind is m.StepSucceeded or kind is m.StepFailed:
+                self.attempt(saga, event.step, "run",
+                             "succeeded" if kind is m.StepSucceeded else "failed", t.elapsed)
+            elif kind is m.CompensationSucceeded or kind is m.CompensationFailed:
+                self.attempt(saga, event.step, "compensate",
+                             "succeeded" if kind is m.CompensationSucceeded else "failed",
+                             t.elapsed)
+            elif kind is m.TimerFired and "|" in event.key:
+                timer, step, _ = event.key.split("|")
+                if timer == "timeout":
+                    self.attempt(saga, step, "run", "timed_out", None)
+                elif timer == "ctimeout":
+                    self.attempt(saga, step, "compensate", "timed_out", None)
+        for cmd in t.commands:
+            if type(cmd) is m.RunStep and cmd.attempt > 1:
+                self.retry(saga, cmd.step)
+        if t.status in ENDED:
+            self.ended(saga, t.status, None if t.ended_at is None
+                       else t.ended_at - t.started_at)
+
+
+class Transition(NamedTuple):
+    """One change of a run as a shell without the attempts in hand sees it (the stream
+    worker: the participant runs them), for ``RunMetrics.transition``."""
+
+    saga: str
+    saga_id: str
+    status: str  # after the transition (a SagaStatus value)
+    started_at: float
+    ended_at: float | None
+    event: Any  # the machine event applied; None: the run started
+    commands: list[Any]  # the machine's commands
+    elapsed: float | None = None  # seconds the attempt ran, as its participant reported
+
+
+def _items(fn: Callable[[], dict[Any, Any]], single: bool = False) -> Callable[[], Samples]:
     """A Computed source from a dict-returning callable (held weakly when it is a bound
     method: the source is dropped with its object)."""
     ref: Any = weakref.WeakMethod(fn) if hasattr(fn, "__self__") else (lambda: fn)

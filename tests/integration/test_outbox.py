@@ -267,11 +267,13 @@ async def test_cli_runs_a_worker_and_shows_lists_and_requeues_dead_events(
                 await asyncio.sleep(0.1)
         metrics = ""
         async with asyncio.timeout(20), aiohttp.ClientSession() as http:
-            while 'sagaz_outbox_events{status="pending"} 0.0' not in metrics:
+            while 'outbox_events{status="pending"} 0.0' not in metrics:
                 await asyncio.sleep(0.2)
                 async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
                     metrics = await resp.text()
-        assert "sagaz_outbox_published_total 50.0" in metrics
+        assert "outbox_published_events_total 50.0" in metrics
+        assert "outbox_pending_events_total 0.0" in metrics
+        assert "outbox_oldest_pending_age_seconds 0.0" in metrics
         worker.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(worker.communicate(), 20)
         assert worker.returncode == 0, err.decode()

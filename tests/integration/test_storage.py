@@ -219,9 +219,9 @@ async def test_failing_events_back_off_go_dead_with_their_error_and_can_be_reque
         assert "MessageSizeTooLarge" in error
         assert await worker.run_once() == 1  # a dead event no longer holds its aggregate
         assert await storage.outbox.counts() == {"pending": 0, "sent": 2, "dead": 1}
-        assert {name: registry.get_sample_value(f"sagaz_outbox_{name}_total") for name in
-                ("published", "publish_failures", "dead_letters")} == \
-            {"published": 2, "publish_failures": 3, "dead_letters": 1}
+        assert {name: registry.get_sample_value(f"outbox_{name}_total") for name in
+                ("published_events", "publish_failures", "dead_letter_events")} == \
+            {"published_events": 2, "publish_failures": 3, "dead_letter_events": 1}
     finally:
         await small.stop()
     # the operator raises the limit and requeues it

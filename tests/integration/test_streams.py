@@ -458,7 +458,8 @@ async def test_a_restarted_participant_answers_a_redelivered_command_from_storag
             await task
             await storage.close()
             counted = {outcome: registry.get_sample_value(
-                "sagaz_participant_commands_total", {"action": "run", "outcome": outcome})
+                "saga_participant_commands_total",
+                {"service": "billing", "action": "run", "outcome": outcome})
                 for outcome in ("ok", "replayed")}
             assert counted == ({"ok": 1.0, "replayed": None} if _ == 0 else
                                {"ok": None, "replayed": 1.0})
