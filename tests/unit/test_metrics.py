@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -198,3 +199,101 @@ def test_in_flight_tracker_counts_and_oldest_age_follow_row_changes():
     assert tracker.oldest() == {"order": 50.0, "pay": 0.0}
     tracker.clear()
     assert len(tracker) == 0 and tracker.oldest() == {"order": 0.0, "pay": 0.0}
+
+
+def test_the_stream_worker_reports_the_runs_transitions_as_the_engine_would():
+    """The pure orchestrator's outputs carry the transition; RunMetrics and the in-flight
+    index of the worker read it (elapsed: as the participant measured the attempt)."""
+    import orjson
+
+    from sagaz import messages as msgs
+    from sagaz.metrics import RunMetrics
+    from streams.orchestrator import Orchestrator, Topics
+
+    saga = Saga("pay")
+
+    async def charge(ctx): ...
+
+    async def refund(ctx): ...
+
+    async def ship(ctx): ...
+
+    saga.add_step("charge", charge, refund)
+    saga.add_step("ship", ship, retry=Retry(attempts=2), timeout=5)
+    orch = Orchestrator([saga], Topics("t"))
+    registry = CollectorRegistry()
+    runs = RunMetrics(registry)
+    tracker = InFlight(clock=lambda: 160.0)
+    runs.add_in_flight(tracker.counts, tracker.oldest)
+
+    def feed(topic: str, value: bytes, row: bytes | None, now: float) -> tuple[Any, Any]:
+        out = orch.process(topic, b"s1", value, row, now)
+        if out.run is not None:
+            tracker.update(out.run.saga_id, out.run.saga, out.run.status, out.run.started_at)
+            runs.transition(out.run)
+        return out, out.row or row
+
+    def reply(cmd: dict, ok: bool, row: bytes, now: float) -> tuple[Any, Any]:
+        return feed("t.results", msgs.encode(
+            "result", "s1", command_id=cmd["command_id"], step=cmd["step"],
+            attempt=cmd["attempt"], action="run" if cmd["type"] == "run" else "compensate",
+            ok=ok, result=None, error=None if ok else "no", retryable=True, set={},
+            elapsed=0.25), row, now)
+
+    def commands(out: Any) -> list[dict]:
+        return [orjson.loads(v) for t, _, v in out.sends if t.startswith("t.participant")]
+
+    out, row = feed("t.commands", msgs.encode("start", "s1", saga="pay", data={},
+                                              idempotency_key=None), None, 100.0)
+    [charge_cmd] = commands(out)
+    out, row = reply(charge_cmd, True, row, 101.0)
+    [ship_cmd] = commands(out)
+    assert value(registry, "saga_in_flight", saga="pay", status="running") == 1
+    assert value(registry, "saga_oldest_in_flight_age_seconds", saga="pay") == 60
+    out, row = reply(ship_cmd, False, row, 102.0)  # retried at once: attempt 2
+    [retry_cmd] = commands(out)
+    assert retry_cmd["attempt"] == 2
+    # attempt 2 times out: abandoned, the saga compensates charge
+    timer = msgs.encode("timer", "s1", key="timeout|ship|2", due=107.0)
+    out, row = feed("t.timers", timer, row, 108.0)
+    [refund_cmd] = commands(out)
+    assert value(registry, "saga_in_flight", saga="pay", status="compensating") == 1
+    out, row = reply(refund_cmd, True, row, 109.0)
+    assert out.run.status == "compensated"
+    repeat, _ = feed("t.results", msgs.encode(  # a repeat of the last input: re-sent
+        "result", "s1", command_id=refund_cmd["command_id"], step="charge", attempt=1,
+        action="compensate", ok=True, result=None, error=None, retryable=True, set={}),
+        row, 110.0)
+    assert repeat.run is None and repeat.duplicate
+
+    v = lambda name, **labels: value(registry, name, **labels)  # noqa: E731
+    assert v("saga_started_total", saga="pay") == 1
+    assert v("saga_execution_total", saga="pay", status="compensated") == 1
+    assert v("saga_execution_duration_seconds_sum", saga="pay", status="compensated") == 9
+    assert v("saga_step_total", saga="pay", step_name="charge", outcome="succeeded") == 1
+    assert v("saga_step_total", saga="pay", step_name="ship", outcome="failed") == 1
+    assert v("saga_step_total", saga="pay", step_name="ship", outcome="timed_out") == 1
+    assert v("saga_step_timeouts_total", saga="pay", step_name="ship") == 1
+    assert v("saga_step_retries_total", saga="pay", step_name="ship") == 1
+    assert v("saga_compensation_total", saga="pay", step_name="charge",
+             outcome="succeeded") == 1
+    assert v("saga_step_duration_seconds_sum", saga="pay", step_name="ship",
+             action="run") == 0.25  # the failed attempt's; the abandoned one has none
+    assert v("saga_step_duration_seconds_count", saga="pay", step_name="charge",
+             action="compensate") == 1
+    assert v("saga_in_flight", saga="pay", status="compensating") == 0
+    assert len(tracker) == 0
+
+
+def test_dead_letters_are_classed_for_the_metrics():
+    from sagaz import messages as msgs
+    from streams.orchestrator import Orchestrator, Topics
+
+    orch = Orchestrator([], Topics("t"))
+    assert orch.process("t.commands", b"s1", b"not json", None, 1.0).dead_letter_kind == \
+        "malformed"
+    start = msgs.encode("start", "s1", saga="nope", data={}, idempotency_key=None)
+    assert orch.process("t.commands", b"s1", start, None, 1.0).dead_letter_kind == \
+        "unknown_saga"
+    timer = msgs.encode("timer", "s1", key="deadline", due=0.0)
+    assert orch.process("t.timers", b"s1", timer, None, 1.0).dead_letter_kind == "no_saga"
