@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 _RUN, _COMP = 0, 1
 _PLAIN = frozenset({type(None), str, int, float, bool})  # serialisable as they are
+_NO_TIMES: dict[Any, float] = {}  # never written: runs without metrics share it
 
 
 class _Ids:
@@ -115,7 +116,9 @@ class _Run:
         self.watchers: asyncio.Future[SagaResult] | None = None  # made when someone waits
         self.metrics = engine.metrics  # None: no metrics, and no cost but these checks
         self.state: SagaState | None = None  # for metrics: in flight, timed-out attempts
-        self.began: dict[tuple[int, str, int], float] = {}  # attempt -> perf_counter start
+        # attempt -> its perf_counter start, with metrics only
+        self.began: dict[tuple[int, str, int], float] = {} if self.metrics is not None \
+            else _NO_TIMES
 
     # -- the loop
 
