@@ -15,6 +15,7 @@ keeps the two equal; alert rules and dashboards are checked against it too.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import sys
@@ -279,6 +280,86 @@ class Computed:
         yield family
 
 
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds, self.counts, self.sum = bounds, [0] * len(bounds), 0.0
+
+    def observe(self, value: float) -> None:
+        # bounds end with +Inf; a value equal to a bound belongs to it (le is inclusive)
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Fast:
+    """A counter or histogram family of the catalogue for a hot path that runs on one
+    thread (the engine's event loop, the worker's agent): children are plain Python
+    numbers, without prometheus_client's lock per value (about a microsecond each), read
+    when Prometheus scrapes. Same interface: ``labels(*values).inc()`` / ``.observe(v)``."""
+
+    def __init__(self, registry: Any, name: str) -> None:
+        self.family = f = _family(name)
+        if f.kind not in ("counter", "histogram"):
+            raise ValueError(f"{name} is a {f.kind}: Fast is for counters and histograms")
+        self._bounds = [float(b) for b in (f.buckets or SECONDS)] + [float("inf")]
+        self._children: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.family.labels):
+                raise ValueError(f"{self.family.name} takes labels {self.family.labels}, "
+                                 f"got {values!r}")
+            child = self._children[values] = (
+                _CounterChild() if self.family.kind == "counter"
+                else _HistogramChild(self._bounds))
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        """A family without labels: ``inc`` (counter) and ``observe`` (histogram)."""
+        self.labels().inc(amount)
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+    def _empty(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        f = self.family
+        if f.kind == "counter":
+            return CounterMetricFamily(f.name, f.help, labels=f.labels)
+        return HistogramMetricFamily(f.name, f.help, labels=f.labels)
+
+    def describe(self) -> list[Any]:
+        return [self._empty()]
+
+    def collect(self) -> Iterator[Any]:
+        family = self._empty()
+        for values, child in list(self._children.items()):
+            if self.family.kind == "counter":
+                family.add_metric(list(values), child.value)
+            else:
+                running, buckets = 0, []
+                for bound, n in zip(child.bounds, list(child.counts), strict=True):
+                    running += n
+                    buckets.append(("+Inf" if bound == float("inf") else repr(bound),
+                                    running))
+                family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
 _shared: weakref.WeakKeyDictionary[Any, dict[type, Any]] = weakref.WeakKeyDictionary()
 
 
@@ -310,17 +391,18 @@ def _labels(metric: Any) -> Callable[..., Any]:
 
 class RunMetrics:
     """The saga run families (component ``engine+worker``): the in-process engine
-    (``Engine(metrics=registry)``) and the stream worker report the same names.
+    (``Engine(metrics=registry)``) and the stream worker report the same names. Counters
+    and histograms are ``Fast``: updated on the event loop that runs the sagas only.
 
     In-flight gauges are read from the shells' sources at scrape time
     (``add_in_flight(counts, oldest)``: ``counts()`` -> {(saga, status): n},
     ``oldest()`` -> {saga: age in seconds})."""
 
     def __init__(self, registry: Any) -> None:
-        m = create(registry, "saga_execution_total", "saga_execution_duration_seconds",
-                   "saga_started_total", "saga_step_duration_seconds", "saga_step_total",
-                   "saga_step_retries_total", "saga_step_timeouts_total",
-                   "saga_compensation_total")
+        m = {name: Fast(registry, name) for name in (
+            "saga_execution_total", "saga_execution_duration_seconds", "saga_started_total",
+            "saga_step_duration_seconds", "saga_step_total", "saga_step_retries_total",
+            "saga_step_timeouts_total", "saga_compensation_total")}
         self._executions = _labels(m["saga_execution_total"])
         self._durations = _labels(m["saga_execution_duration_seconds"])
         self._started = _labels(m["saga_started_total"])
@@ -495,14 +577,17 @@ ENDED = frozenset({"completed", "compensated", "failed"})
 
 class StreamMetrics:
     """The stream worker's own families (component ``worker``); the computed ones read
-    the worker given to ``bind``."""
+    the worker given to ``bind``. Counters and histograms are ``Fast``: the worker updates
+    them on its event loop only."""
 
     def __init__(self, registry: Any) -> None:
-        m = create(registry, "saga_stream_events_total", "saga_stream_event_duration_seconds",
-                   "saga_stream_commands_total", "saga_stream_timers_armed_total",
-                   "saga_stream_timers_fired_total", "saga_stream_dead_letters_total",
-                   "saga_stream_stalls_total", "saga_stream_rebalances_total",
-                   "saga_stream_produce_errors_total", "saga_stream_waiting_runs")
+        m = {name: Fast(registry, name) for name in (
+            "saga_stream_events_total", "saga_stream_event_duration_seconds",
+            "saga_stream_commands_total", "saga_stream_timers_armed_total",
+            "saga_stream_timers_fired_total", "saga_stream_dead_letters_total",
+            "saga_stream_stalls_total", "saga_stream_rebalances_total",
+            "saga_stream_produce_errors_total")}
+        m.update(create(registry, "saga_stream_waiting_runs"))
         self.events = _labels(m["saga_stream_events_total"])
         self.event_seconds = m["saga_stream_event_duration_seconds"]
         self.commands = _labels(m["saga_stream_commands_total"])
