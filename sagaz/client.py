@@ -31,6 +31,7 @@ import orjson
 from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.messages import MAX_MESSAGE_BYTES
+from sagaz.metrics import ClientMetrics, shared
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import topic_partition
 from sagaz.tracing import current_trace_headers
@@ -52,9 +53,12 @@ class SagaClient:
                  keep_outcomes_for: float = 600.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  on_outcome: Callable[[dict[str, Any]], None] | None = None,
-                 security: KafkaSecurity | None = None, tracer: Any = None) -> None:
+                 security: KafkaSecurity | None = None, tracer: Any = None,
+                 registry: Any = None) -> None:
         """``tracer``: an OpenTelemetry tracer; each start is then a span whose context
-        the saga carries (one trace to its outcome, ``sagaz.tracing``)."""
+        the saga carries (one trace to its outcome, ``sagaz.tracing``). ``registry``: a
+        prometheus_client CollectorRegistry for ``saga_client_starts_total`` (None: no
+        metrics)."""
         for name, value, low in (("keep_outcomes", keep_outcomes, 0),
                                  ("keep_outcomes_for", keep_outcomes_for, 0),
                                  ("max_message_bytes", max_message_bytes, ROW_HEADROOM + 1024)):
@@ -76,6 +80,7 @@ class SagaClient:
         # saga id -> (monotonic arrival, outcome), oldest first
         self._outcomes: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self.metrics = shared(ClientMetrics, registry) if registry is not None else None
 
     async def __aenter__(self) -> SagaClient:
         try:
@@ -174,13 +179,23 @@ class SagaClient:
                 raise ValueError("give saga_id or idempotency_key, not both")
             saga_id = derived
         saga_id = saga_id or uuid.uuid4().hex
-        if self.tracer is not None:
-            return await self._traced_start(saga_id, trace, name, data or {}, idempotency_key)
-        value = self._start_message(saga_id, trace or current_trace_headers(), name,
-                                    data or {}, idempotency_key)
-        await self.producer.send_and_wait(f"{self.prefix}.commands", value,
-                                          key=saga_id.encode())
+        try:
+            if self.tracer is not None:
+                await self._traced_start(saga_id, trace, name, data or {}, idempotency_key)
+            else:
+                value = self._start_message(saga_id, trace or current_trace_headers(), name,
+                                            data or {}, idempotency_key)
+                await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+                                                  key=saga_id.encode())
+        except Exception:
+            self._count(name, "failed")
+            raise
+        self._count(name, "sent")
         return saga_id
+
+    def _count(self, saga: str, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.starts(saga, outcome).inc(n)
 
     async def _traced_start(self, saga_id: str, trace: dict[str, str] | None, name: str,
                             data: dict[str, Any], idempotency_key: str | None) -> str:
@@ -208,7 +223,12 @@ class SagaClient:
             futures.append(await self.producer.send(f"{self.prefix}.commands", value,
                                                     key=sid.encode()))
             ids.append(sid)
-        await asyncio.gather(*futures)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
+        self._count(name, "sent", len(outcomes) - len(errors))
+        if errors:
+            self._count(name, "failed", len(errors))
+            raise errors[0]
         return ids
 
     def _start_message(self, saga_id: str, trace: dict[str, str] | None, name: str,
@@ -217,6 +237,7 @@ class SagaClient:
                                 idempotency_key=idempotency_key)
         limit = self.max_message_bytes - ROW_HEADROOM
         if len(value) > limit:
+            self._count(name, "refused")
             raise ValueError(f"saga data too large: the start of {name!r} is {len(value)} "
                              f"bytes, over {limit} (max_message_bytes {self.max_message_bytes}"
                              f" less {ROW_HEADROOM} for the saga's state); keep large "

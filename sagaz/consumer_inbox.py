@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ import orjson
 
 from sagaz.errors import describe
 from sagaz.messages import dead_letter_headers
+from sagaz.metrics import InboxConsumerMetrics, InboxMetrics, shared
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.storage import Handler, Storage, check_inbox_args
 from sagaz.topics import ensure_topics
@@ -65,12 +67,16 @@ def with_tx(handler: Any) -> Handler:
 
 
 class ConsumerInbox:
-    def __init__(self, storage: Storage, consumer_name: str) -> None:
+    def __init__(self, storage: Storage, consumer_name: str, *, registry: Any = None) -> None:
+        """``registry``: a prometheus_client CollectorRegistry for the ``consumer_inbox_*``
+        families (processed, duplicates, handler errors, processing time; None: no
+        metrics)."""
         check_inbox_args(consumer_name, "-", "-", "-")
         if not hasattr(storage, "process_idempotent"):
             raise TypeError(f"storage must be a sagaz Storage (PostgresStorage, RedisStorage, "
                             f"MemoryStorage), got {storage!r}")
         self.storage, self.consumer = storage, consumer_name
+        self.metrics = shared(InboxMetrics, registry) if registry is not None else None
 
     async def process_idempotent(self, event_id: str, source_topic: str, event_type: str,
                                  payload: Any, handler: Handler | Callable[[Any],
@@ -79,8 +85,30 @@ class ConsumerInbox:
         """Run ``handler(payload, tx)`` or ``handler(payload)`` once per ``event_id``,
         recording its JSON result; a duplicate returns that first result without running
         the handler."""
-        return await self.storage.process_idempotent(self.consumer, event_id, source_topic,
-                                                     event_type, payload, with_tx(handler))
+        metrics = self.metrics
+        if metrics is None:
+            return await self.storage.process_idempotent(
+                self.consumer, event_id, source_topic, event_type, payload, with_tx(handler))
+        inner, ran, consumer = with_tx(handler), False, self.consumer
+
+        async def counted(payload: Any, tx: Any) -> Any:
+            nonlocal ran
+            ran = True
+            try:
+                return await inner(payload, tx)
+            except Exception:
+                metrics.handler_errors(consumer).inc()
+                raise
+
+        t0 = time.perf_counter()
+        result = await self.storage.process_idempotent(consumer, event_id, source_topic,
+                                                       event_type, payload, counted)
+        if ran:  # the handler ran and its marker committed: handled for the first time
+            metrics.processed(consumer).inc()
+            metrics.seconds(consumer).observe(time.perf_counter() - t0)
+        else:  # answered from the marker
+            metrics.duplicates(consumer).inc()
+        return result
 
     async def seen(self, event_id: str) -> bool:
         return await self.storage.seen(self.consumer, event_id)
@@ -112,8 +140,13 @@ class InboxConsumer:
                  group_id: str | None = None,
                  dead_letter_topic: str | None = None, max_attempts: int = 5,
                  backoff: float = 0.5, max_backoff: float = 30.0,
-                 security: KafkaSecurity | None = None) -> None:
-        self.inbox = ConsumerInbox(storage, consumer_name)
+                 security: KafkaSecurity | None = None, registry: Any = None) -> None:
+        """``registry``: a prometheus_client CollectorRegistry for the ``consumer_inbox_*``
+        families, its ConsumerInbox's and the dead letters by reason (malformed,
+        handler_failed); None: no metrics."""
+        self.inbox = ConsumerInbox(storage, consumer_name, registry=registry)
+        self.metrics = (shared(InboxConsumerMetrics, registry) if registry is not None
+                        else None)
         if not topics or not all(isinstance(t, str) and t for t in topics):
             raise ValueError(f"topics must be a non-empty list of topic names, got {topics!r}")
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) \
@@ -175,13 +208,14 @@ class InboxConsumer:
         if not event_id or not event_type:
             return await self._dead_letter(record, producer,
                                            "missing, empty or null event-id or event-type "
-                                           "header")
+                                           "header", "malformed")
         if record.value is None:
-            return await self._dead_letter(record, producer, "no value (null)")
+            return await self._dead_letter(record, producer, "no value (null)", "malformed")
         try:
             payload = orjson.loads(record.value)
         except orjson.JSONDecodeError as exc:
-            return await self._dead_letter(record, producer, f"value is not JSON: {exc}")
+            return await self._dead_letter(record, producer, f"value is not JSON: {exc}",
+                                           "malformed")
         handler = self.handler
 
         async def handle(payload: Any, tx: Any) -> Any:
@@ -207,7 +241,8 @@ class InboxConsumer:
                     if attempt >= self.max_attempts:
                         reason = str(exc) if isinstance(exc, _HandlerFailed) else describe(exc)
                         return await self._dead_letter(
-                            record, producer, f"handler failed {attempt} times: {reason}")
+                            record, producer, f"handler failed {attempt} times: {reason}",
+                            "handler_failed")
                     delay = self.backoff * 2 ** (attempt - 1)
                 else:  # storage unreachable: wait it out, count nothing
                     outage += 1
@@ -221,9 +256,10 @@ class InboxConsumer:
             except TimeoutError:
                 pass
 
-    async def _dead_letter(self, record: Any, producer: Any, reason: str) -> bool:
+    async def _dead_letter(self, record: Any, producer: Any, reason: str, why: str) -> bool:
         """Write the dead-letter copy; a broker error is retried (never counted against
-        the record) until it is acknowledged; False if asked to stop first."""
+        the record) until it is acknowledged; False if asked to stop first. ``why``: the
+        reason for the metrics (malformed, handler_failed)."""
         log.warning("dead-lettering %s:%s@%s: %s", record.topic, record.partition,
                     record.offset, reason)
         outage = 0
@@ -234,6 +270,8 @@ class InboxConsumer:
                     headers=dead_letter_headers(reason, record.topic, record.partition,
                                                 record.offset))
                 self.dead_lettered += 1
+                if self.metrics is not None:
+                    self.metrics.dead_letters(self.inbox.consumer, why).inc()
                 return True
             except Exception as exc:
                 outage += 1

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sagaz import logs as _logs
 from sagaz import machine as m
@@ -40,8 +40,13 @@ from sagaz.tracing import SagaTracer
 from sagaz.versions import Definitions
 
 log = logging.getLogger("sagaz.engine")
+
+if TYPE_CHECKING:
+    from sagaz.metrics import RunMetrics
+
 _RUN, _COMP = 0, 1
 _PLAIN = frozenset({type(None), str, int, float, bool})  # serialisable as they are
+_NO_TIMES: dict[Any, float] = {}  # never written: runs without metrics share it
 
 
 class _Ids:
@@ -96,8 +101,9 @@ async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
 class _Run:
     """One saga run being driven. Not reusable."""
 
-    __slots__ = ("actions", "clock", "ctx", "errors", "key", "loop", "plan", "queue", "saga",
-                 "span", "spans", "store", "tasks", "timers", "tracer", "waiter", "watchers")
+    __slots__ = ("actions", "began", "clock", "ctx", "errors", "key", "loop", "metrics", "plan",
+                 "queue", "saga", "span", "spans", "state", "store", "tasks", "timers",
+                 "tracer", "waiter", "watchers")
 
     def __init__(self, engine: Engine, saga: Saga, plan: Plan, ctx: SagaContext,
                  key: str | None) -> None:
@@ -113,6 +119,11 @@ class _Run:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.errors: dict[str, BaseException] = {}
         self.watchers: asyncio.Future[SagaResult] | None = None  # made when someone waits
+        self.metrics = engine.metrics  # None: no metrics, and no cost but these checks
+        self.state: SagaState | None = None  # for metrics: in flight, timed-out attempts
+        # attempt -> its perf_counter start, with metrics only
+        self.began: dict[tuple[int, str, int], float] = {} if self.metrics is not None \
+            else _NO_TIMES
 
     # -- the loop
 
@@ -124,6 +135,7 @@ class _Run:
             self.span = self.tracer.run_span(plan.name, state.saga_id)
         # log lines of this run carry its saga id (sagaz.logs; only when JSON logs want it)
         logged = _logs.bind(state.saga_id, trace=self.span) if _logs.wanted else None
+        self.state = state
         try:
             await store.save(state, ctx, self.key)
             execute(cmds)
@@ -144,6 +156,10 @@ class _Run:
                 execute(cmds)
             if not save_each:
                 await store.save(state, ctx, self.key)
+            if self.metrics is not None:
+                self.metrics.ended(plan.name, state.status.value,
+                                   None if state.ended_at is None
+                                   else state.ended_at - state.started_at)
         finally:
             if self.timers or self.tasks:
                 await self.settle()
@@ -209,6 +225,10 @@ class _Run:
             self.outcome(kind, step, attempt, None, asyncio.CancelledError())
 
     def start(self, kind: int, step: str, attempt: int) -> None:
+        if self.metrics is not None:
+            self.began[(kind, step, attempt)] = time.perf_counter()
+            if attempt > 1 and kind == _RUN:
+                self.metrics.retry(self.plan.name, step)
         if self.tracer is not None:
             self.spans[(kind, step, attempt)] = self.tracer.attempt_span(
                 self.span, "step" if kind == _RUN else "compensate", step, attempt,
@@ -259,6 +279,8 @@ class _Run:
                 check_serialisable(f"result of step {step!r}", value)
             except SagaContextError as bad:
                 exc = bad
+        if self.metrics is not None:
+            self.observe(kind, step, attempt, exc)
         if exc is None:
             if kind == _RUN:
                 self.push(m.StepSucceeded(step, attempt), value)
@@ -278,6 +300,33 @@ class _Run:
                 step, attempt, "cancelled" if cancelled else describe(exc),
                 not cancelled and policy.compensation_retry.retryable(exc)))
 
+    def observe(self, kind: int, step: str, attempt: int, exc: BaseException | None) -> None:
+        """Metrics of an attempt that ended. Only attempts started here count: a
+        cancellation confirmed for an attempt that had already ended (or ran in another
+        process before a resume) is not a second outcome."""
+        began = self.began.pop((kind, step, attempt), None)
+        if began is None or self.metrics is None:
+            return
+        seconds = time.perf_counter() - began
+        if exc is None:
+            outcome = "succeeded"
+        elif isinstance(exc, asyncio.CancelledError):
+            # The machine marks an attempt it cancels at its timeout until it has stopped.
+            timed_out = self.state is not None and self.state.steps[
+                self.plan.index[step]].timed_out
+            outcome = "timed_out" if timed_out else "cancelled"
+        else:
+            outcome = "failed"
+        self.metrics.attempt(self.plan.name, step, "run" if kind == _RUN else "compensate",
+                             outcome, seconds)
+
+    def in_flight(self) -> tuple[str, m.SagaStatus, float] | None:
+        """(saga, status, started_at) while the run is under way, for the gauges."""
+        state = self.state
+        if state is None or state.status in m.TERMINAL:
+            return None
+        return self.plan.name, state.status, state.started_at
+
 
 class Engine:
     """Runs sagas in this process. Holds no per-saga state besides its store.
@@ -288,11 +337,16 @@ class Engine:
     next run with the key takes over once the lease is out. Meanwhile ``run`` with that
     key raises ``SagaAlreadyRunning`` in other engines (processes); in this engine it waits
     for the run and returns its result. Make it longer than a store write can stall.
+
+    ``metrics``: a prometheus_client ``CollectorRegistry`` (or a ``sagaz.metrics.RunMetrics``)
+    to report the saga run families to (``docs/metrics.md``: executions, durations, steps,
+    retries, timeouts, compensations, in flight); engines given the same registry share its
+    families. None (the default): no metrics, and nothing measured.
     """
 
     def __init__(self, store: SagaStore | None = None, *,
                  clock: Callable[[], float] = time.time, tracer: SagaTracer | None = None,
-                 claim_lease: float = 30.0) -> None:
+                 claim_lease: float = 30.0, metrics: Any = None) -> None:
         if isinstance(claim_lease, bool) or not isinstance(claim_lease, (int, float)) \
                 or not math.isfinite(claim_lease) or claim_lease <= 0:
             raise ValueError(f"claim_lease must be a finite number of seconds > 0, "
@@ -305,6 +359,31 @@ class Engine:
         # (saga name, key) -> the saga id its claim returned, while this engine claims it:
         # a racing run of the same key here waits for that instead of claiming again
         self._claiming: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self.metrics: RunMetrics | None = None
+        if metrics is not None:
+            from sagaz.metrics import RunMetrics, shared
+
+            self.metrics = metrics if isinstance(metrics, RunMetrics) else shared(
+                RunMetrics, metrics)
+            self.metrics.add_in_flight(self._in_flight_counts, self._oldest_in_flight)
+
+    def _in_flight_counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for run in self._inflight.values():
+            live = run.in_flight()
+            if live is not None:
+                key = (live[0], live[1].value)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _oldest_in_flight(self) -> dict[str, float]:
+        now = self.clock()
+        oldest: dict[str, float] = {}
+        for run in self._inflight.values():
+            live = run.in_flight()
+            if live is not None:
+                oldest[live[0]] = max(oldest.get(live[0], 0.0), now - live[2])
+        return oldest
 
     async def run(self, saga: Saga, data: dict[str, Any] | None = None, *,
                   saga_id: str | None = None, idempotency_key: str | None = None,
@@ -334,6 +413,8 @@ class Engine:
         run = _Run(self, saga, plan, ctx, idempotency_key)
         state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
         state.version, state.fingerprint = saga.version, saga.fingerprint  # kept in the store
+        if self.metrics is not None:
+            self.metrics.started(saga.name)
         return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
 
     async def _claim(self, name: str, key: str, saga_id: str) -> str:

@@ -39,6 +39,7 @@ class _Row:
     status: str = "pending"
     last_error: str | None = None
     sent_at: float = 0.0
+    added: float = 0.0  # clock() when inserted
 
 
 class MemoryOutbox:
@@ -58,7 +59,8 @@ class MemoryOutbox:
             raise OutboxError(f"event_id {event_id!r} is already in the outbox")
         event = OutboxEvent(event_id, event_id, aggregate_id, topic, event_type,
                             orjson.loads(raw), headers)
-        self._rows[event_id] = _Row(event, next(self._seq), self.clock() + delay)
+        now = self.clock()
+        self._rows[event_id] = _Row(event, next(self._seq), now + delay, added=now)
         self._queues.setdefault(aggregate_id, deque()).append(event_id)
         return event
 
@@ -149,6 +151,10 @@ class MemoryOutbox:
         for row in self._rows.values():
             out[row.status] += 1
         return out
+
+    async def oldest_pending_age(self) -> float:
+        added = [r.added for r in self._rows.values() if r.status == "pending"]
+        return max(0.0, self.clock() - min(added)) if added else 0.0
 
     async def dead(self, limit: int = 100) -> list[tuple[OutboxEvent, str]]:
         rows = sorted((r for r in self._rows.values() if r.status == "dead"),

@@ -14,7 +14,8 @@ with the saga and stamped on every command and outcome it causes.
     compensate  orchestrator -> participant   (same fields as run)
     result      participant -> orchestrator   command_id, step, attempt, action, ok, result,
                                               error, retryable, set (context keys it set),
-                                              applied (optional: ran, result not carried)
+                                              applied (optional: ran, result not carried),
+                                              elapsed (optional: seconds the attempt ran)
     timer       orchestrator -> itself        key, due
     outcome     orchestrator -> clients       saga, status, error, failed_step, data, results
 """
@@ -45,7 +46,12 @@ def clip(text: str, limit: int) -> str:
 
 
 class MessageError(ValueError):
-    """A message that cannot be processed; the text is the dead-letter reason."""
+    """A message that cannot be processed; the text is the dead-letter reason, ``kind`` its
+    class for metrics (malformed, oversized, unknown_saga, no_saga: a small fixed set)."""
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 _STR, _INT, _NUM, _BOOL, _DICT, _ANY = str, int, (int, float), bool, dict, object

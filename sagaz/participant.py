@@ -52,6 +52,7 @@ from sagaz.definition import Saga, Step
 from sagaz.errors import SagazError, describe
 from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
+from sagaz.metrics import ParticipantMetrics, shared
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.topics import ensure_topics, producer_stopped
 from sagaz.versions import Definitions
@@ -116,7 +117,13 @@ class Participant:
         self.max_crashes, self.max_message_bytes = max_crashes, max_message_bytes
         self.replication = replication
         self.tracer = tracer  # an OpenTelemetry tracer: a span per command, in the saga's trace
-        self.metrics = _Metrics(registry) if registry is not None else None
+        self.metrics: ParticipantMetrics | None = None
+        if registry is not None:  # the saga_participant_* families (docs/metrics.md)
+            self.metrics = shared(ParticipantMetrics, registry)
+            self.metrics.in_flight.add(self._in_flight_sample)
+            self.metrics.consumer_lag.add(self._lag_samples)
+            self.metrics.ready.add(self._ready_sample)
+        self._timed_out: set[str] = set()  # command ids whose step hit its timeout
         self.steps: dict[tuple[str, str], Step] = {}  # of each saga's newest version
         # (saga, version, step): a command runs the step of its run's version (sagaz.versions)
         self.versions: dict[tuple[str, int, str], Step] = {}
@@ -178,6 +185,30 @@ class Participant:
                 "commit_error": self._commit_error,
                 "commit_failing_for": None if failing is None
                 else round(time.monotonic() - failing, 1)}
+
+    # -- metrics read when Prometheus scrapes
+
+    def _in_flight_sample(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((self.service,), len(self._running))]
+
+    def _ready_sample(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((self.service,), 1.0 if self.ready() else 0.0)]
+
+    def _lag_samples(self) -> list[tuple[tuple[str, ...], float]]:
+        """Per assigned partition: its high watermark (as of the last fetch) less the
+        oldest command not yet answered (or the next to fetch, or the committed offset)."""
+        consumer = self.consumer
+        out: list[tuple[tuple[str, ...], float]] = []
+        if consumer is None or self._loop_state != "running":
+            return out
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            pending = self._pending.get(tp)
+            position = min(pending) if pending else self._fetched.get(
+                tp, self._committed.get(tp))
+            if end is not None and position is not None:
+                out.append(((self.service, str(tp.partition)), float(max(0, end - position))))
+        return out
 
     # -- lifecycle
 
@@ -460,27 +491,29 @@ class Participant:
         running = self._running.get(command_id)
         if running is not None:  # the same command is being run right now: share its reply
             self._count(msg["type"], "replayed")
+            self._replayed()
             return self.results_topic, key, await asyncio.shield(running), []
         recorded, starts = await self._recorded(record.partition, command_id)
         if recorded is not None:
             self._count(msg["type"], "replayed")
+            self._replayed()
             return self.results_topic, key, recorded, []
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._running[command_id] = fut
         out_headers: list[tuple[str, bytes]] = []  # the step span's context, when tracing
-        t0 = time.perf_counter()
+        outcome = "ok"
         try:
             if starts >= self.max_crashes:
                 reason = f"command {command_id} was started {starts} times without an " \
                          f"answer (it crashes the participant); dead-lettered"
                 log.error("%s", reason)
-                dead = self._dead_letter(record, reason)
+                dead = self._dead_letter(record, reason, "crash_loop")
                 await (await self.producer.send(dead[0], dead[2], key=dead[1],
                                                 headers=dead[3]))
                 # it may have applied its effect before the crash: compensated if aborted
                 reply = self._reply(msg, False, None, reason, False, {},
                                     applied=msg["type"] == "run")
-                ok = False
+                ok, outcome = False, "dead_letter"
             else:
                 if epoch is not None:
                     await self._still_member(epoch)
@@ -495,6 +528,7 @@ class Participant:
                                 await asyncio.shield(self._changelog.started(
                                     record.partition, command_id, starts))
                         raise
+                t0 = time.perf_counter()
                 try:
                     if self.tracer is None:
                         reply, ok = await self.execute(msg)
@@ -507,6 +541,11 @@ class Participant:
                                 tracing.set_error(span, orjson.loads(reply).get("error"))
                         # the reply's record headers: the worker's next span is its child
                         out_headers = tracing.kafka_headers(span)
+                    if self.metrics is not None:
+                        self.metrics.step_seconds(self.service, msg["step"], msg["type"]
+                                                  ).observe(time.perf_counter() - t0)
+                        outcome = ("timeout" if command_id in self._timed_out
+                                   else "ok" if ok else "error")
                 except asyncio.CancelledError:
                     # Cancelled here (shutdown, revoke): not a crash. Count it back.
                     if self._changelog is not None:
@@ -522,9 +561,8 @@ class Participant:
             raise
         finally:
             del self._running[command_id]
-        if self.metrics is not None:
-            self.metrics.seconds.labels(msg["type"]).observe(time.perf_counter() - t0)
-            self._count(msg["type"], "ok" if ok else "error")
+            self._timed_out.discard(command_id)
+        self._count(msg["type"], outcome)
         return self.results_topic, key, reply, out_headers
 
     async def _recorded(self, partition: int, command_id: str) -> tuple[bytes | None, int]:
@@ -540,10 +578,15 @@ class Participant:
             assert self.inbox is not None
             await self.inbox.put(self.service, command_id, reply)
 
-    def _dead_letter(self, record: Any, reason: str) -> tuple[str, bytes | None, bytes | None,
-                                                              list[Any]]:
+    def _dead_letter(self, record: Any, reason: str, why: str = "malformed"
+                     ) -> tuple[str, bytes | None, bytes | None, list[Any]]:
+        """The dead-letter record of a command; ``why``: its reason for the metrics
+        (malformed, or crash_loop)."""
         log.warning("dead-lettering %s@%s: %s", record.topic, record.offset, clip(reason, 500))
-        self._count("unknown", "dead_letter")
+        if self.metrics is not None:
+            self.metrics.dead_letters(self.service, why).inc()
+        if why == "malformed":  # a crash loop is counted with its command's action
+            self._count("unknown", "dead_letter")
         key, value, headers = messages.dead_letter_record(
             record.key, record.value, reason, record.topic, record.partition, record.offset,
             self.max_message_bytes)
@@ -551,13 +594,21 @@ class Participant:
 
     def _count(self, action: str, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.commands.labels(action, outcome).inc()
+            self.metrics.commands(self.service, action, outcome).inc()
+
+    def _replayed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.replays(self.service).inc()
 
     def _reply(self, msg: dict[str, Any], ok: bool, result: Any, error: str | None,
-               retryable: bool, changed: dict[str, Any], applied: bool = False) -> bytes:
+               retryable: bool, changed: dict[str, Any], applied: bool = False,
+               elapsed: float | None = None) -> bytes:
         """A result message; ``applied``: the step ran, but its result cannot be carried
-        (so the orchestrator compensates it if the saga aborts)."""
-        extra = {"applied": True} if applied else {}
+        (so the orchestrator compensates it if the saga aborts); ``elapsed``: seconds the
+        step ran here (the orchestrator's step duration metric)."""
+        extra: dict[str, Any] = {"applied": True} if applied else {}
+        if elapsed is not None:
+            extra["elapsed"] = round(elapsed, 6)
         return messages.encode("result", msg["saga_id"], msg.get("trace"),
                                command_id=msg["command_id"],
                                step=msg["step"], attempt=msg["attempt"], action=msg["type"],
@@ -573,6 +624,7 @@ class Participant:
         step = self.versions.get((msg["saga"], version, msg["step"]))
         ok, result, error, retryable, changed = False, None, None, False, {}
         applied = False  # ran, but its result cannot be carried
+        elapsed: float | None = None  # seconds it ran
         if step is None:
             have = sorted(v for s, v, n in self.versions if (s, n) == (msg["saga"], msg["step"]))
             error = f"participant {self.service!r} has no step {msg['step']!r} of saga " \
@@ -587,6 +639,7 @@ class Participant:
             ctx.data, ctx.results = msg["data"], msg["results"]  # came as JSON: valid
             before = dict(ctx.data)
             deadline = asyncio.timeout(timeout)
+            t0 = time.perf_counter()
             try:
                 if fn is None:
                     raise RuntimeError(f"step {step.name!r} has no compensation")
@@ -596,11 +649,15 @@ class Participant:
             except TimeoutError as exc:
                 if deadline.expired():  # ours: the step was cancelled at its timeout
                     error = f"timed out after {timeout}s"
+                    self._timed_out.add(msg["command_id"])
+                    if self.metrics is not None:
+                        self.metrics.timeouts(self.service, step.name, action).inc()
                     retryable = policy.retry_on_timeout
                 else:
                     error, retryable = describe(exc), policy.retryable(exc)
             except Exception as exc:
                 error, retryable = describe(exc), policy.retryable(exc)
+            elapsed = time.perf_counter() - t0
             if ok:
                 changed = {k: v for k, v in ctx.data.items()
                            if k not in before or before[k] != v}
@@ -609,29 +666,16 @@ class Participant:
                 except TypeError as exc:
                     ok, result, changed, applied = False, None, {}, action == "run"
                     error = f"result of step {step.name!r} is not serialisable: {exc}"
-        reply = self._reply(msg, ok, result, error, retryable, changed, applied)
+        reply = self._reply(msg, ok, result, error, retryable, changed, applied, elapsed)
         if len(reply) > self.max_message_bytes and ok and action == "compensate":
             # a compensation's result is not used: it succeeded, say so without it
-            reply = self._reply(msg, True, None, None, False, {})
+            reply = self._reply(msg, True, None, None, False, {}, elapsed=elapsed)
         if len(reply) > self.max_message_bytes:
             ok = False
             reply = self._reply(msg, False, None, f"result of step {msg['step']!r} is too "
                                 f"large: a reply of {len(reply)} bytes (max_message_bytes is "
                                 f"{self.max_message_bytes}); keep large payloads outside the "
                                 f"saga and return a reference", False, {},
-                                applied=action == "run")
+                                applied=action == "run", elapsed=elapsed)
         return reply, ok
 
-
-class _Metrics:
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Histogram
-
-        self.commands = Counter(
-            "sagaz_participant_commands", "Commands by action (run/compensate) and outcome: "
-            "ok, error, replayed (answered from the inbox), dead_letter",
-            ["action", "outcome"], registry=registry)
-        self.seconds = Histogram("sagaz_participant_command_seconds",
-                                 "Time to run a step or compensation", ["action"],
-                                 registry=registry,
-                                 buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 30, 120))

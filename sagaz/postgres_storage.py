@@ -265,6 +265,14 @@ class PostgresOutbox:
                 " (SELECT count(*) FROM sagaz_outbox WHERE status = 'dead') AS dead")
         return dict(row)
 
+    async def oldest_pending_age(self) -> float:
+        # The first pending id on the partial index: no scan however long the backlog.
+        async with self.pool.acquire() as conn:
+            age = await conn.fetchval(
+                "SELECT extract(epoch FROM now() - created_at) FROM sagaz_outbox "
+                "WHERE status = 'pending' ORDER BY id LIMIT 1")
+        return max(0.0, float(age)) if age is not None else 0.0
+
     async def dead(self, limit: int = 100) -> list[tuple[OutboxEvent, str]]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(f"SELECT {_COLUMNS}, last_error FROM sagaz_outbox "

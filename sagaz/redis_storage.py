@@ -349,6 +349,16 @@ class RedisOutbox:
             pending, sent, dead = await pipe.execute()
         return {"pending": int(pending or 0), "sent": int(sent), "dead": int(dead)}
 
+    async def oldest_pending_age(self) -> float:
+        # Aggregates free to claim are scored by their head's due time (ms, Redis' clock).
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrange(f"{self.prefix}:ob:ready", 0, 0, withscores=True)
+            pipe.time()
+            head, (seconds, micros) = await pipe.execute()
+        if not head:
+            return 0.0
+        return max(0.0, seconds + micros / 1e6 - float(head[0][1]) / 1000)
+
     async def dead(self, limit: int = 100) -> list[tuple[OutboxEvent, str]]:
         out = []
         for raw_id in await self.redis.zrange(f"{self.prefix}:ob:dead", 0, limit - 1):

@@ -159,6 +159,12 @@ class OutboxStore(Protocol):
         """How many events are pending, sent and dead (for gauges and operators)."""
         ...
 
+    async def oldest_pending_age(self) -> float:
+        """Seconds the oldest pending event has waited (0 when none): since it was added
+        (PostgreSQL, memory), or since the oldest head of an unclaimed aggregate became due
+        (Redis, which keeps no insertion time). One indexed read, for a gauge."""
+        ...
+
     async def dead(self, limit: int = 100) -> list[tuple[OutboxEvent, str]]:
         """Dead events with their last error, oldest first."""
         ...

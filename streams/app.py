@@ -49,13 +49,13 @@ from typing import Any
 import faust
 import orjson
 from faust.streams import _current_event
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from sagaz import logs, messages
-from sagaz import metrics as catalogue
 from sagaz.definition import Saga
 from sagaz.errors import describe
 from sagaz.messages import MAX_ERROR_CHARS, clip
+from sagaz.metrics import InFlight, RunMetrics, StreamMetrics, Transition
 from sagaz.topics import ensure_topics, producer_stopped
 from sagaz.versions import DefinitionUnavailable
 from streams.config import Settings
@@ -75,23 +75,6 @@ log = logging.getLogger("sagaz.streams")
 # partition database) do not fit a small worker.
 ROCKSDB_OPTIONS = {"block_cache_size": 16 << 20, "write_buffer_size": 8 << 20,
                    "max_write_buffer_number": 2, "max_open_files": 256}
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.events = Counter("sagaz_stream_events", "Input messages by outcome",
-                              ["outcome"], registry=self.registry)
-        self.finished = Counter("sagaz_stream_sagas_finished", "Sagas reaching an end",
-                                ["saga", "status"], registry=self.registry)
-        self.latency = Histogram("sagaz_stream_event_seconds", "Time to process one input",
-                               registry=self.registry,
-                               buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1))
-        self.timers = Counter("sagaz_stream_timers_fired", "Timer events sent",
-                              registry=self.registry)
-        self.stalled = Counter("sagaz_stream_partitions_stalled",
-                               "Partitions stopped on an input whose outputs or dead-letter "
-                               "copy could not be written", registry=self.registry)
 
 
 class _SagaTable(faust.Table):
@@ -195,9 +178,20 @@ class OrchestratorApp:
                                          retention=settings.retention,
                                          max_message_bytes=settings.max_message_bytes)
         self.timers = TimerIndex()
-        self.metrics = Metrics()
-        self.waiting_gauge = catalogue.create(self.metrics.registry, "saga_stream_waiting_runs")[
-            "saga_stream_waiting_runs"]
+        # /metrics: the saga run families (as the in-process engine's) and saga_stream_*
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.run_metrics = RunMetrics(self.registry)
+        self.metrics = StreamMetrics(self.registry)
+        # sagas of this worker's active partitions not yet ended: kept up to date from the
+        # rows the agent writes, rebuilt from the table with the timer index
+        self.in_flight = InFlight()
+        self.run_metrics.add_in_flight(self.in_flight.counts, self.in_flight.oldest)
+        self.metrics.bind(stalled_partitions=self._stalled_sample,
+                          unacked_inputs=self._unacked_sample,
+                          table_recovery_seconds=self._recovery_sample,
+                          consumer_lag=self._lag_samples, ready=self._ready_sample)
+        self._last_recovery: float | None = None
+        self.waiting_gauge: Any = self.metrics.waiting_runs  # a prometheus_client Gauge
         # (saga, version) -> unfinished runs of this worker's partitions that wait for it
         self.waiting_runs: dict[tuple[str, int], int] = {}
         self._stream: Any = None
@@ -256,6 +250,7 @@ class OrchestratorApp:
                                 options=ROCKSDB_OPTIONS, key_type=bytes, value_type=bytes)
         app.tables.add(self.table)
         app.agent(self.inputs, name="orchestrate")(self._agent)
+        app.on_partitions_assigned.connect(self._on_assigned)
         app.timer(interval=settings.timer_interval)(self._fire_timers)
         from streams.views import register
 
@@ -357,7 +352,7 @@ class OrchestratorApp:
             async for event in stream.events():
                 t0 = time.perf_counter()
                 await self.process(event)
-                self.metrics.latency.observe(time.perf_counter() - t0)
+                self.metrics.event_seconds.observe(time.perf_counter() - t0)
         except BaseException as exc:
             self._agent_state = f"agent stopped: {describe(exc)}"
             raise
@@ -440,7 +435,9 @@ class OrchestratorApp:
             else:
                 reason = out.dead_letter
             if out is None or reason is not None:
-                await self.dead_letter(message, reason or "internal error")
+                await self.dead_letter(message, reason or "internal error",
+                                       "internal_error" if out is None
+                                       else out.dead_letter_kind or "malformed")
             else:
                 self._apply(event, out, futures, resends)
                 # Straight to the aiokafka client (faust's wrapper costs ~60 us a message).
@@ -448,6 +445,7 @@ class OrchestratorApp:
                 # as the input its partition is the input's: no need to hash the key again.
                 producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
                 n = self.settings.partitions
+                commands = self.metrics.commands
                 for topic, key, value in out.sends:
                     partition = message.partition if self._counts.get(topic) == n else None
                     send = functools.partial(producer.send, topic, value, key=key,
@@ -459,8 +457,9 @@ class OrchestratorApp:
                         if not transient(exc):
                             raise
                         futures.append(_failed(exc))  # sent again by _ack_done
-                    if topic == self.topics.outcomes and out.row is not None:
-                        self._count_finished(value)
+                    commands(self._command_kind(topic, value)).inc()
+                if out.run is not None:
+                    self._observe(out.run)
         except Exception as exc:  # the row may be written: stall rather than skip
             self._stall(tp, message, describe(exc))
             return
@@ -483,17 +482,18 @@ class OrchestratorApp:
             if self.table.last_write is not None:
                 futures.append(self.table.last_write)
                 resends.append(functools.partial(self._resend_row, event))
-            self.metrics.events.labels("applied").inc()
+            self.metrics.events("applied").inc()
         elif out.delete:
             self.table.last_write = None
             del self.table[event.key]
             if self.table.last_write is not None:
                 futures.append(self.table.last_write)
                 resends.append(functools.partial(self._resend_row, event))
-            self.metrics.events.labels("expired").inc()
+            self.metrics.events("expired").inc()
         else:
-            self.metrics.events.labels("repeated" if out.sends else "stale").inc()
+            self.metrics.events("duplicate" if out.duplicate else "ignored").inc()
         if out.timers:
+            self.metrics.timers_armed.inc(len(out.timers))
             self.timers.arm(event.key.decode(), out.timers)
         if out.disarmed:
             self.timers.disarm(event.key.decode(), out.disarmed)
@@ -516,6 +516,7 @@ class OrchestratorApp:
                     await self._resend(tp, futures, i, resends[i], exc)
                     return
                 error = "cancelled" if exc is None else describe(exc)
+                self.metrics.produce_errors.inc()
                 queue.clear()
                 self._stall(tp, event.message, f"sending an output failed: {error}")
                 return
@@ -529,6 +530,7 @@ class OrchestratorApp:
         if now < self._resend_at.get(tp, 0.0):
             return
         self._resend_at[tp] = now + RESEND_INTERVAL
+        self.metrics.produce_errors.inc()  # one failed send, sent again now
         if now - self._resend_logged.get(tp, -60.0) >= 30:
             self._resend_logged[tp] = now
             log.warning("%s:%s: an output was not acknowledged (%s); sending it again every "
@@ -557,7 +559,7 @@ class OrchestratorApp:
                   tp, reason)
         self.stalled[tp] = (reason, time.time())
         self._unacked.pop(tp, None)
-        self.metrics.stalled.inc()
+        self.metrics.stalls.inc()
         try:
             self.app.consumer.pause_partitions([tp])
         except Exception:  # stalled all the same: nothing of it is acked
@@ -579,11 +581,12 @@ class OrchestratorApp:
             self.waiting_gauge.labels(saga, str(version)).set(n)
         self.waiting_runs = counts
 
-    async def dead_letter(self, message: Any, reason: str) -> None:
+    async def dead_letter(self, message: Any, reason: str, kind: str = "malformed") -> None:
         """Write the input's dead-letter copy and wait for the broker's ack; raise
         DeadLetterFailed when it cannot be written. A copy that would be too large keeps a
-        truncated value, with the original size and SHA-256 in headers."""
-        self.metrics.events.labels("dead_letter").inc()
+        truncated value, with the original size and SHA-256 in headers. ``kind``: the
+        reason's class for the metrics (``MessageError.kind``, or internal_error)."""
+        self.metrics.events("dead_letter").inc()
         if self.tracer is not None:
             from opentelemetry.trace import get_current_span
 
@@ -606,9 +609,11 @@ class OrchestratorApp:
                 # shielded: a slow attempt that succeeds later is not cancelled (nor sent
                 # again needlessly once it has been)
                 await asyncio.wait_for(asyncio.shield(fut), DEAD_LETTER_TIMEOUT)
+                self.metrics.dead_letters(kind).inc()
                 return
             except Exception as exc:
                 error = exc
+                self.metrics.produce_errors.inc()
                 log.warning("dead-letter copy of %s:%s@%s not written (attempt %d): %s",
                             message.topic, message.partition, message.offset, attempt + 1,
                             describe(exc))
@@ -666,9 +671,62 @@ class OrchestratorApp:
                  "fingerprint_here": here}
                 for (saga, version, recorded), here in sorted(self.orchestrator.changed.items())]}
 
-    def _count_finished(self, value: bytes) -> None:
-        doc = orjson.loads(value)
-        self.metrics.finished.labels(doc["saga"], doc["status"]).inc()
+    # -- metrics
+
+    def _observe(self, run: Transition) -> None:
+        """A transition written to the table: the run families and the in-flight index."""
+        self.in_flight.update(run.saga_id, run.saga, run.status, run.started_at)
+        self.run_metrics.transition(run)
+
+    def _command_kind(self, topic: str, value: bytes) -> str:
+        """step, compensation or outcome. Commands are ``messages.encode`` documents, which
+        begin with the version and the type: no need to decode them."""
+        if topic == self.topics.outcomes:
+            return "outcome"
+        return "compensation" if value.startswith(b'{"v":1,"type":"compensate"') else "step"
+
+    def _on_assigned(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        self.metrics.rebalances.inc()
+
+    def _stalled_sample(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((), float(len(self.stalled)))]
+
+    def _unacked_sample(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((), float(sum(len(q) for q in self._unacked.values())))]
+
+    def _ready_sample(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((), 1.0 if self.health()[1] else 0.0)]
+
+    def _recovery_sample(self) -> list[tuple[tuple[str, ...], float]]:
+        """Seconds faust's last table recovery took (the previous one while one runs)."""
+        recovery = getattr(self.app.tables, "recovery", None)
+        began = getattr(recovery, "_recovery_started_at", None)
+        ended = getattr(recovery, "_recovery_ended_at", None)
+        if began is not None and ended is not None and ended >= began:
+            self._last_recovery = ended - began
+        return [] if self._last_recovery is None else [((), self._last_recovery)]
+
+    def _lag_samples(self) -> list[tuple[tuple[str, ...], float]]:
+        """Per assigned input partition: its high watermark as of the last fetch less the
+        next offset to read (the last one read + 1, else the committed one). Read from the
+        consumer's bookkeeping when Prometheus scrapes: no broker request."""
+        out: list[tuple[tuple[str, ...], float]] = []
+        if not self.app.started:
+            return out
+        consumer = self.app.consumer
+        inputs = self.topics.inputs
+        read = getattr(consumer, "_read_offset", {})
+        committed = getattr(consumer, "_committed_offset", {})
+        for tp in consumer.assignment():
+            if tp.topic not in inputs:
+                continue
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            last = read.get(tp)
+            position = last + 1 if last is not None else committed.get(tp) or 0
+            out.append(((tp.topic, str(tp.partition)), float(max(0, end - position))))
+        return out
 
     # -- timers
 
@@ -703,7 +761,7 @@ class OrchestratorApp:
             fut.add_done_callback(
                 lambda f, d=due_at, s=saga_id, k=key: f.cancelled() or f.exception() is None
                 or self._timer_not_sent(d, s, k, f.exception()))
-        self.metrics.timers.inc(len(due))
+        self.metrics.timers_fired.inc(len(due))
 
     def _heal(self, assignment: frozenset[Any]) -> None:
         """Write again the rows whose changelog got a stale record after them, for the
@@ -717,6 +775,7 @@ class OrchestratorApp:
                 log.warning("saga %s: its newest row written to the changelog again", key)
 
     def _timer_not_sent(self, due: float, saga_id: str, key: str, exc: Any) -> bool:
+        self.metrics.produce_errors.inc()
         log.warning("timer %s of saga %s not sent (armed again): %s", key, saga_id, exc)
         self.timers.arm(saga_id, [(due, key)])
         return True
@@ -732,15 +791,21 @@ class OrchestratorApp:
 
     def rebuild_timers(self) -> None:
         """Scan the rows of this worker's active partitions for armed timers: the machine's,
-        and expiries due within the horizon (rescanned every half horizon)."""
+        and expiries due within the horizon (rescanned every half horizon); and for the
+        sagas in flight (the metrics' index)."""
         self.timers.clear()
+        self.in_flight.clear()
         now = time.time()
         self._next_rescan = now + EXPIRY_HORIZON / 2
         count = 0
         t0 = time.perf_counter()
         waiting: dict[tuple[str, int], int] = {}
         for key, row in self.table.items():
-            timers = armed_timers(row, now + EXPIRY_HORIZON)
+            doc = orjson.loads(row)
+            state = doc["state"]
+            self.in_flight.update(state["id"], doc["saga"], state["status"],
+                                  state["started_at"])
+            timers = armed_timers(doc, now + EXPIRY_HORIZON)
             if timers:
                 self.timers.arm(key.decode(), timers)
                 count += 1

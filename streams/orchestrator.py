@@ -61,6 +61,7 @@ from sagaz import messages
 from sagaz.definition import Saga
 from sagaz.machine import Plan, SagaState
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
+from sagaz.metrics import Transition
 from sagaz.versions import Definitions, DefinitionUnavailable
 
 log = logging.getLogger("sagaz.streams")
@@ -97,6 +98,11 @@ class Output(NamedTuple):
     dead_letter: str | None  # reason, when the input is rejected
     disarmed: Sequence[str] = ()  # timer keys no longer armed
     delete: bool = False  # the row expired: delete it
+    # for metrics: the transition the machine made (None: none), a repeat re-sending what
+    # is in flight, the dead letter's class (MessageError.kind)
+    run: Transition | None = None
+    duplicate: bool = False
+    dead_letter_kind: str | None = None
 
 
 _EXPECT = {
@@ -195,10 +201,10 @@ class Orchestrator:
                 return Output(None, [], [], None)  # a repeated expiry: already deleted
             if row is None:
                 raise MessageError(f"no saga {saga_id!r} here (never started, or its start "
-                                   f"has not been processed)")
+                                   f"has not been processed)", "no_saga")
             return self._event(msg, row, now)
         except MessageError as exc:
-            return Output(None, [], [], str(exc))
+            return Output(None, [], [], str(exc), dead_letter_kind=exc.kind)
 
     def _start(self, msg: dict[str, Any], row: bytes | None, now: float) -> Output:
         if row is not None:  # idempotent start: same saga id, same saga
@@ -206,19 +212,19 @@ class Orchestrator:
         entry = self.sagas.get(msg["saga"])
         if entry is None:
             raise MessageError(f"unknown saga definition {msg['saga']!r}; this worker has "
-                               f"{sorted(self.sagas)}")
+                               f"{sorted(self.sagas)}", "unknown_saga")
         saga, plan = entry  # the newest version
         state, cmds = m.start(plan, msg["saga_id"], now)
         doc = {"v": ROW_VERSION, "saga": saga.name, "state": None, "data": msg["data"],
                "results": {}, "inbox": ["start"], "key": msg["idempotency_key"],
                "trace": msg.get("trace"), "version": saga.version,
                "fingerprint": saga.fingerprint}
-        out = self._commit(saga, plan, doc, state, cmds)
+        out = self._commit(saga, plan, doc, state, cmds, None)
         too_big = self._oversize(out)
         if too_big:
             raise MessageError(f"start of saga {msg['saga_id']!r} ({saga.name}) refused: "
                                f"{too_big}; keep large payloads outside the saga and pass a "
-                               f"reference")
+                               f"reference", "oversized")
         return out
 
     def _event(self, msg: dict[str, Any], row: bytes, now: float) -> Output:
@@ -239,7 +245,11 @@ class Orchestrator:
         event_id, event, result = self._to_event(msg, plan, doc)
         if event_id in doc["inbox"]:
             return self._repeat(doc, event_id)
-        out = self._apply(saga, plan, doc, event_id, event, result, msg.get("set"), now)
+        elapsed = msg.get("elapsed")  # what the participant measured, for metrics
+        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or elapsed < 0:
+            elapsed = None
+        out = self._apply(saga, plan, doc, event_id, event, result, msg.get("set"), now,
+                          elapsed)
         too_big = self._oversize(out)
         if too_big and isinstance(event, m.StepSucceeded):
             # The result does not fit: the step fails (retrying would return the same).
@@ -247,15 +257,17 @@ class Orchestrator:
             event = m.StepFailed(event.step, event.attempt, f"result of step {event.step!r} "
                                  f"is too large: {too_big}; keep large payloads outside the "
                                  f"saga and return a reference", False, applied=True)
-            out = self._apply(saga, plan, orjson.loads(row), event_id, event, None, None, now)
+            out = self._apply(saga, plan, orjson.loads(row), event_id, event, None, None, now,
+                              elapsed)
             too_big = self._oversize(out)
         if too_big:
             raise MessageError(f"saga {msg['saga_id']!r} unchanged: applying this "
-                               f"{msg['type']} would write {too_big}")
+                               f"{msg['type']} would write {too_big}", "oversized")
         return out
 
     def _apply(self, saga: Saga, plan: Plan, doc: dict[str, Any], event_id: str, event: Any,
-               result: Any, changed: dict[str, Any] | None, now: float) -> Output:
+               result: Any, changed: dict[str, Any] | None, now: float,
+               elapsed: float | None = None) -> Output:
         state = SagaState.from_dict(doc["state"])
         seq = state.seq
         _, cmds = m.handle(plan, state, event, now)
@@ -268,7 +280,7 @@ class Orchestrator:
         inbox = doc["inbox"]
         inbox.append(event_id)
         del inbox[:-self.inbox_size]
-        return self._commit(saga, plan, doc, state, cmds)
+        return self._commit(saga, plan, doc, state, cmds, event, elapsed)
 
     def _early_timer(self, key: str, doc: dict[str, Any], now: float) -> Output | None:
         """An armed timer whose due time has not come: nothing happens, and it is armed
@@ -335,11 +347,12 @@ class Orchestrator:
         if doc["inbox"][-1] == event_id:
             saga, plan = self.definition(doc)
             sends, timers, _ = self._translate(saga, doc, state, m.resume(plan, state))
-            return Output(None, sends, timers, None)
+            return Output(None, sends, timers, None, duplicate=True)
         return Output(None, [], [], None)
 
     def _commit(self, saga: Saga, plan: Plan, doc: dict[str, Any], state: SagaState,
-                cmds: list[Any]) -> Output:
+                cmds: list[Any], event: Any, elapsed: float | None = None) -> Output:
+        """The output of a transition (``event``; None: the start) the machine made."""
         doc["state"] = state.to_dict()
         sends, timers, disarmed = self._translate(saga, doc, state, cmds)
         if self.retention and state.status in _EXPIRES and state.ended_at is not None:
@@ -348,7 +361,9 @@ class Orchestrator:
                 timers.append((doc["expires_at"], EXPIRE))
         else:
             doc.pop("expires_at", None)
-        return Output(orjson.dumps(doc), sends, timers, None, disarmed)
+        run = Transition(saga.name, state.saga_id, state.status.value, state.started_at,
+                         state.ended_at, event, cmds, elapsed)
+        return Output(orjson.dumps(doc), sends, timers, None, disarmed, run=run)
 
     def _translate(self, saga: Saga, doc: dict[str, Any], state: SagaState,
                    cmds: list[Any]) -> tuple[list[tuple[str, bytes, bytes]],
@@ -389,10 +404,10 @@ def row_seq(row: bytes) -> int:
     return int(orjson.loads(row)["state"]["seq"])
 
 
-def armed_timers(row: bytes, until: float) -> list[tuple[float, str]]:
-    """The timers a row holds for the timer index: the machine's, and its expiry when that
-    is due by ``until``."""
-    doc = orjson.loads(row)
+def armed_timers(row: bytes | dict[str, Any], until: float) -> list[tuple[float, str]]:
+    """The timers a row (bytes, or decoded) holds for the timer index: the machine's, and
+    its expiry when that is due by ``until``."""
+    doc = orjson.loads(row) if isinstance(row, bytes) else row
     timers = [(due, k) for k, due in doc["state"]["timers"].items()]
     if doc.get("expires_at", until + 1) <= until:
         timers.append((doc["expires_at"], EXPIRE))

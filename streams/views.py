@@ -128,5 +128,5 @@ def register(oapp: OrchestratorApp) -> None:
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(oapp.metrics.registry),
+        return web.bytes(generate_latest(oapp.registry),
                          content_type=CONTENT_TYPE_LATEST.split(";")[0])

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Any
 
 from sagaz.brokers import Broker, start_if_needed
 from sagaz.errors import mask_url
+from sagaz.metrics import OptimisticMetrics, shared
 from sagaz.storage import OutboxEvent, OutboxStore
 
 __all__ = ["OptimisticPublisher"]
@@ -34,7 +37,7 @@ class OptimisticPublisher:
     """
 
     def __init__(self, outbox: OutboxStore, broker: Broker, *,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, registry: Any = None) -> None:
         """``outbox``: ``storage.outbox``, or a storage of ``sagaz.outbox.storage`` (which
         is an OutboxStore too). ``enabled=False`` turns the fast path off (a switch for
         operators, e.g. while the broker is known to be down): ``publish_after_commit``
@@ -42,13 +45,18 @@ class OptimisticPublisher:
         worker. A broker that was not started is started by the first publish, which waits
         at most ``START_WAIT`` seconds for it: a broker that cannot start (or starts slowly)
         never holds a publish longer; the start goes on in the background and the events
-        are left to the worker meanwhile."""
+        are left to the worker meanwhile. ``registry``: a prometheus_client
+        CollectorRegistry for the ``outbox_optimistic_send_*`` families (None: no
+        metrics): a send that fails or waits out ``START_WAIT`` counts as a failure; an
+        event left to the worker because an earlier one of its aggregate is pending, or
+        while disabled, counts as neither."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
         if not hasattr(outbox, "is_next"):
             raise TypeError(f"outbox must be an OutboxStore (storage.outbox), got {outbox!r}")
         self.outbox, self.broker = outbox, broker
         self.enabled = enabled
+        self.metrics = shared(OptimisticMetrics, registry) if registry is not None else None
         self._starting: asyncio.Task[None] | None = None
 
     async def publish_after_commit(self, event: OutboxEvent) -> bool:
@@ -59,6 +67,16 @@ class OptimisticPublisher:
         if not isinstance(event, OutboxEvent):
             raise TypeError(f"publish_after_commit takes the OutboxEvent that insert() "
                             f"returned, got {event!r}")
+        t0 = time.perf_counter()
+        sent = await self._publish(event)
+        if self.metrics is not None and sent is not None:
+            self.metrics.seconds.observe(time.perf_counter() - t0)
+            (self.metrics.success if sent else self.metrics.failures).inc()
+        return bool(sent)
+
+    async def _publish(self, event: OutboxEvent) -> bool | None:
+        """True: sent; False: failed (left to the worker); None: not tried (an earlier
+        event of its aggregate is pending)."""
         try:
             if not getattr(self.broker, "started", True):
                 if self._starting is None or self._starting.done():
@@ -72,7 +90,7 @@ class OptimisticPublisher:
                              "still starting", event.event_id)
                     return False
             if not await self.outbox.is_next(event):
-                return False
+                return None
             [error] = await self.broker.publish_many([event.message()])
             if error is not None:
                 raise error

@@ -90,6 +90,9 @@ class _OutboxOnStorage:
     async def prune(self, older_than: float) -> int:
         return int(await self.outbox.prune(older_than))
 
+    async def oldest_pending_age(self) -> float:
+        return float(await self.outbox.oldest_pending_age())
+
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = await self.outbox.counts()
         return counts

@@ -20,6 +20,7 @@ from typing import Any
 
 from sagaz.brokers import Broker, BrokerError, Skipped, start_if_needed
 from sagaz.errors import mask_url
+from sagaz.metrics import OutboxMetrics, shared
 from sagaz.storage import Backoff, OutboxError, OutboxEvent, OutboxStore
 
 __all__ = ["OutboxError", "OutboxEvent", "OutboxWorker"]
@@ -38,7 +39,8 @@ class OutboxWorker:
         is an OutboxStore too). A broker that was not started is started before the first
         claim (a failure is retried like a storage error, not counted against events).
         ``registry``: a prometheus_client CollectorRegistry to report to (None: no
-        metrics); the pending/dead gauges are refreshed every ``metrics_interval`` s."""
+        metrics); the gauges that cost a storage query (events by status, pending, age of
+        the oldest pending event) are refreshed every ``metrics_interval`` s."""
         for name, count in (("batch_size", batch_size), ("max_attempts", max_attempts)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {count!r}")
@@ -62,7 +64,8 @@ class OutboxWorker:
         # A batch published but not recorded (the storage went away meanwhile): recorded
         # before anything new is claimed, so it is not published a second time.
         self._unsettled: tuple[Any, ...] | None = None
-        self.metrics = _Metrics(registry) if registry is not None else None
+        # the outbox_* families of docs/metrics.md (OutboxMetrics), or None
+        self.metrics = shared(OutboxMetrics, registry) if registry is not None else None
         self.metrics_interval = metrics_interval
         # Health. A loop iteration takes at most a poll interval plus a claim and a settle,
         # except while the broker holds a batch, when the lease renewals (every lease / 3)
@@ -104,14 +107,14 @@ class OutboxWorker:
             while not self._stopping.is_set():
                 try:
                     n = await self.run_once()
+                    if self.metrics is not None:
+                        self.metrics.last_batch.set(time.time())
                     if self.retention is not None and loop.time() >= next_prune:
                         await self.outbox.prune(self.retention)
                         next_prune = loop.time() + self.prune_interval
                     if self.metrics is not None and loop.time() >= next_gauges:
                         next_gauges = loop.time() + self.metrics_interval
-                        counts = await self.outbox.counts()
-                        for status in ("pending", "dead"):
-                            self.metrics.events.labels(status).set(counts[status])
+                        await self._refresh_gauges(self.metrics)
                 except Exception as exc:  # the database went away, say: try again shortly
                     self._storage_ok = False
                     self._last_error = mask_url(f"{type(exc).__name__}: {exc}")
@@ -125,6 +128,13 @@ class OutboxWorker:
                         pass
         finally:  # stopped, cancelled or died: not live any more
             self._running = False
+
+    async def _refresh_gauges(self, metrics: OutboxMetrics) -> None:
+        counts = await self.outbox.counts()
+        for status in ("pending", "sent", "dead"):
+            metrics.events.labels(status).set(counts[status])
+        metrics.pending.set(counts["pending"])  # claimed events stay pending until settled
+        metrics.oldest_pending.set(await self.outbox.oldest_pending_age())
 
     async def run_once(self) -> int:
         """Claim one batch, publish it, record the outcome; return how many were claimed.
@@ -202,21 +212,3 @@ class OutboxWorker:
                 log.warning("outbox worker %s: renewing a lease failed: %s", self.worker_id,
                             mask_url(str(exc)))
 
-
-class _Metrics:
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
-
-        self.published = Counter("sagaz_outbox_published", "Events published and marked sent",
-                                 registry=registry)
-        self.failures = Counter("sagaz_outbox_publish_failures",
-                                "Failed publish attempts (each backs off, or goes dead)",
-                                registry=registry)
-        self.dead = Counter("sagaz_outbox_dead_letters",
-                            "Events that exhausted their attempts and went dead",
-                            registry=registry)
-        self.batch = Histogram("sagaz_outbox_batch_seconds",
-                               "Claim, publish and settle of one batch", registry=registry,
-                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10, 30))
-        self.events = Gauge("sagaz_outbox_events", "Events in the outbox by status",
-                            ["status"], registry=registry)

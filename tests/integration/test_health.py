@@ -211,7 +211,7 @@ async def test_outbox_run_serves_health_and_metrics_on_its_metrics_port() -> Non
                 await asyncio.sleep(0.1)
         assert await get(port, "/health/live") == (200, {"status": "live"})
         status, text = await get(port, "/metrics")
-        assert status == 200 and 'sagaz_outbox_events{status="pending"} 0.0' in text
+        assert status == 200 and 'outbox_events{status="pending"} 0.0' in text
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)

@@ -191,9 +191,13 @@ async def test_optimistic_publisher_marks_sent_only_after_an_ack(
         pg_pool: Any, kafka_bootstrap: str, topic_prefix: str) -> None:
     topic = f"{topic_prefix}-opt"
     await ensure_topics(kafka_bootstrap, {topic: 1})
+    from prometheus_client import CollectorRegistry
+
     broker = KafkaBroker(kafka_bootstrap)
     await broker.start()
-    publisher = OptimisticPublisher(PostgresStorage(pg_pool).outbox, broker)
+    registry = CollectorRegistry()
+    publisher = OptimisticPublisher(PostgresStorage(pg_pool).outbox, broker,
+                                    registry=registry)
     async with pg_pool.acquire() as conn:
         async with conn.transaction():
             first = await publisher.outbox.insert(conn, aggregate_id="a", topic=topic,
@@ -210,8 +214,10 @@ async def test_optimistic_publisher_marks_sent_only_after_an_ack(
         async with conn.transaction():
             second = await publisher.outbox.insert(conn, aggregate_id="a", topic=topic,
                                                 event_type="E", payload={"n": 2}, delay=5)
-        fallback = OptimisticPublisher(publisher.outbox, dead)
+        fallback = OptimisticPublisher(publisher.outbox, dead, registry=registry)
         assert await fallback.publish_after_commit(second) is False
+        assert [registry.get_sample_value(f"outbox_optimistic_send_{name}_total")
+                for name in ("success", "failures")] == [1, 1]
         assert await conn.fetchval("SELECT status FROM sagaz_outbox WHERE id = $1",
                                    second.id) == "pending"
     records = await consume_all(kafka_bootstrap, topic, 1)
@@ -267,11 +273,13 @@ async def test_cli_runs_a_worker_and_shows_lists_and_requeues_dead_events(
                 await asyncio.sleep(0.1)
         metrics = ""
         async with asyncio.timeout(20), aiohttp.ClientSession() as http:
-            while 'sagaz_outbox_events{status="pending"} 0.0' not in metrics:
+            while 'outbox_events{status="pending"} 0.0' not in metrics:
                 await asyncio.sleep(0.2)
                 async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
                     metrics = await resp.text()
-        assert "sagaz_outbox_published_total 50.0" in metrics
+        assert "outbox_published_events_total 50.0" in metrics
+        assert "outbox_pending_events_total 0.0" in metrics
+        assert "outbox_oldest_pending_age_seconds 0.0" in metrics
         worker.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(worker.communicate(), 20)
         assert worker.returncode == 0, err.decode()
@@ -378,11 +386,15 @@ async def test_outbox_to_inbox_consumer_end_to_end_effects_once_poison_dead_lett
                            payload["amount"])
         return payload["order"]
 
-    def consumer() -> InboxConsumer:
+    def consumer(registry: Any = None) -> InboxConsumer:
         return InboxConsumer(storage, "billing", [topic], book, bootstrap=kafka_bootstrap,
-                             dead_letter_topic=dlq, max_attempts=2, backoff=0.05)
+                             dead_letter_topic=dlq, max_attempts=2, backoff=0.05,
+                             registry=registry)
 
-    first = consumer()
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    first = consumer(registry)
     task = asyncio.create_task(first.run())
     try:
         async with asyncio.timeout(60):
@@ -392,6 +404,12 @@ async def test_outbox_to_inbox_consumer_end_to_end_effects_once_poison_dead_lett
         await first.stop()
         await task
     assert (first.handled, first.dead_lettered) == (200, 3)
+    sample = registry.get_sample_value
+    assert {name: sample(f"consumer_inbox_{name}_total", {"consumer": "billing"})
+            for name in ("processed", "duplicates", "handler_errors")} == \
+        {"processed": 100, "duplicates": 100, "handler_errors": 2}
+    assert [sample("consumer_inbox_dead_letters_total", {"consumer": "billing", "reason": r})
+            for r in ("malformed", "handler_failed")] == [2, 1]
     async with pg_pool.acquire() as conn:
         rows = await conn.fetch("SELECT order_id, amount FROM ledger")
     assert sorted(r["amount"] for r in rows) == list(range(100))  # each effect once

@@ -219,9 +219,9 @@ async def test_failing_events_back_off_go_dead_with_their_error_and_can_be_reque
         assert "MessageSizeTooLarge" in error
         assert await worker.run_once() == 1  # a dead event no longer holds its aggregate
         assert await storage.outbox.counts() == {"pending": 0, "sent": 2, "dead": 1}
-        assert {name: registry.get_sample_value(f"sagaz_outbox_{name}_total") for name in
-                ("published", "publish_failures", "dead_letters")} == \
-            {"published": 2, "publish_failures": 3, "dead_letters": 1}
+        assert {name: registry.get_sample_value(f"outbox_{name}_total") for name in
+                ("published_events", "publish_failures", "dead_letter_events")} == \
+            {"published_events": 2, "publish_failures": 3, "dead_letter_events": 1}
     finally:
         await small.stop()
     # the operator raises the limit and requeues it
@@ -237,20 +237,38 @@ async def test_failing_events_back_off_go_dead_with_their_error_and_can_be_reque
 
 async def test_optimistic_publish_marks_sent_only_in_order_and_after_an_ack(
         storage: Storage) -> None:
+    from prometheus_client import CollectorRegistry
+
     broker = MemoryBroker()
-    publisher = OptimisticPublisher(storage.outbox, broker)
+    registry = CollectorRegistry()
+    publisher = OptimisticPublisher(storage.outbox, broker, registry=registry)
     async with transaction(storage) as tx:
         first = await add(storage, tx, "a", 1, delay=5)
         second = await add(storage, tx, "a", 2, delay=5)
     assert await publisher.publish_after_commit(second) is False  # 'first' is not out yet
     assert await publisher.publish_after_commit(first) is True
     assert await publisher.publish_after_commit(second) is True
+    # left to the worker for its order: neither a success nor a failure
+    assert [registry.get_sample_value(f"outbox_optimistic_send_{name}") for name in
+            ("success_total", "failures_total", "duration_seconds_count")] == [2, 0, 2]
     assert [orjson.loads(v)["n"] for _, v, _ in broker.topics["t"]] == [1, 2]
     assert await storage.outbox.counts() == {"pending": 0, "sent": 2, "dead": 0}
     # the worker leaves a delayed event alone meanwhile
     async with transaction(storage) as tx:
         await add(storage, tx, "b", 3, delay=5)
     assert await OutboxWorker(storage.outbox, broker).run_once() == 0
+
+
+async def test_the_age_of_the_oldest_pending_event(storage: Storage) -> None:
+    """outbox_oldest_pending_age_seconds: 0 when nothing waits, then how long the oldest
+    pending event has waited, 0 again once it is out."""
+    assert await storage.outbox.oldest_pending_age() == 0
+    await fill(storage, 3, aggregates=2)
+    await asyncio.sleep(0.3)
+    assert 0.25 <= await storage.outbox.oldest_pending_age() < 10
+    worker = OutboxWorker(storage.outbox, MemoryBroker())
+    assert await worker.run_once() == 3
+    assert await storage.outbox.oldest_pending_age() == 0
 
 
 async def test_sent_events_are_pruned_after_the_retention(storage: Storage) -> None:

@@ -158,6 +158,23 @@ async def test_retries_timeouts_and_deadline_through_kafka(
         d = await st.client.wait(await st.client.start("deadline", {"sleep": 1.0}), timeout=30)
         assert d["status"] == "compensated" and d["error"] == "saga deadline of 0.4s exceeded"
         assert d["saga_id"] in undone
+        # the worker's run metrics saw the retries and the timeout
+        sample = st.oapp.registry.get_sample_value
+
+        def steps(saga: str, step: str, outcome: str) -> float:
+            return sample("saga_step_total", {"saga": saga, "step_name": step,
+                                              "outcome": outcome}) or 0.0
+        assert sample("saga_step_retries_total", {"saga": "retrying", "step_name": "flaky"}) \
+            == 2
+        assert (steps("retrying", "flaky", "failed"), steps("retrying", "flaky", "succeeded")) \
+            == (2, 1)
+        # abandoned at its timeout here, or reported timed out by the participant first
+        assert steps("timing-out", "slow", "timed_out") + steps("timing-out", "slow",
+                                                                 "failed") == 1
+        assert sample("saga_compensation_total", {"saga": "timing-out", "step_name": "first",
+                                                  "outcome": "succeeded"}) == 1
+        assert sample("saga_execution_total", {"saga": "deadline",
+                                               "status": "compensated"}) == 1
 
 
 async def test_duplicates_poison_and_idempotent_start(
@@ -311,7 +328,83 @@ async def test_web_views_answer_json_errors(kafka_bootstrap: str, topic_prefix: 
             async with http.get(st.url + "/table/sagas/") as resp:
                 assert resp.status == 404  # faust's raw table endpoint is off
             async with http.get(st.url + "/metrics") as resp:
-                assert b"sagaz_stream_events_total" in await resp.read()
+                assert b"saga_stream_events_total" in await resp.read()
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(series name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_metrics_of_a_worker_and_its_participants_move(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Any) -> None:
+    """/metrics of a real worker and of participants (served as `sagaz participant` serves
+    them): the catalogue's names, moving with the sagas."""
+    from prometheus_client import CollectorRegistry
+
+    from sagaz.health import HealthServer
+
+    registry = CollectorRegistry()
+    async with stack(kafka_bootstrap, topic_prefix, tmp_path, [examples.order],
+                     ["inventory", "payment", "shipping"],
+                     participant_options={"registry": registry}) as st:
+        ok = await st.client.start("order", {"order_id": f"{topic_prefix}-m1"})
+        bad = await st.client.start("order", {"order_id": f"{topic_prefix}-m2",
+                                              "decline": True})
+        assert (await st.client.wait(ok, timeout=30))["status"] == "completed"
+        assert (await st.client.wait(bad, timeout=30))["status"] == "compensated"
+        p = st.participants[1]
+        async with aiohttp.ClientSession() as http, HealthServer(
+                live=p.live, ready=p.ready, registry=registry) as server:
+            async def get(url: str) -> dict[Any, float]:
+                async with http.get(url) as resp:
+                    assert resp.status == 200
+                    return scrape(await resp.text())
+
+            w = await get(st.url + "/metrics")
+            part = await get(f"http://127.0.0.1:{server.port}/metrics")
+    order = (("saga", "order"),)
+    assert w["saga_started_total", order] == 2
+    assert w["saga_execution_total", (("saga", "order"), ("status", "completed"))] == 1
+    assert w["saga_execution_total", (("saga", "order"), ("status", "compensated"))] == 1
+    assert w["saga_execution_duration_seconds_count",
+             (("saga", "order"), ("status", "completed"))] == 1
+    assert w["saga_in_flight", (("saga", "order"), ("status", "running"))] == 0
+    assert w["saga_oldest_in_flight_age_seconds", order] == 0
+    # durations as the participants measured them
+    assert w["saga_step_duration_seconds_count",
+             (("action", "run"), ("saga", "order"), ("step_name", "ship_order"))] == 1
+    assert w["saga_step_total", (("outcome", "failed"), ("saga", "order"),
+                                 ("step_name", "charge_payment"))] == 1
+    assert w["saga_compensation_total", (("outcome", "succeeded"), ("saga", "order"),
+                                         ("step_name", "reserve_inventory"))] == 1
+    assert w["saga_stream_events_total", (("outcome", "applied"),)] >= 8
+    assert w["saga_stream_commands_total", (("kind", "step"),)] == 5
+    assert w["saga_stream_commands_total", (("kind", "compensation"),)] == 1
+    assert w["saga_stream_commands_total", (("kind", "outcome"),)] == 2
+    assert w["saga_stream_ready", ()] == 1 and w["saga_stream_stalled_partitions", ()] == 0
+    assert w["saga_stream_rebalances_total", ()] >= 1
+    assert w["saga_stream_table_recovery_seconds", ()] >= 0
+    lag = {labels: v for (name, labels), v in w.items() if name == "saga_stream_consumer_lag"}
+    assert {dict(labels)["topic"] for labels in lag} == {f"{topic_prefix}.commands",
+                                                        f"{topic_prefix}.results",
+                                                        f"{topic_prefix}.timers"}
+    assert all(v == 0 for v in lag.values()), lag  # everything handled
+    assert part["saga_participant_commands_total",
+                (("action", "run"), ("outcome", "ok"), ("service", "payment"))] == 1
+    assert part["saga_participant_commands_total",
+                (("action", "run"), ("outcome", "error"), ("service", "payment"))] == 1
+    assert part["saga_participant_commands_total",
+                (("action", "compensate"), ("outcome", "ok"), ("service", "inventory"))] == 1
+    assert part["saga_participant_step_duration_seconds_count",
+                (("action", "run"), ("service", "shipping"), ("step_name", "ship_order"))] == 1
+    assert part["saga_participant_ready", (("service", "payment"),)] == 1
+    assert part["saga_participant_in_flight", (("service", "payment"),)] == 0
+    assert {dict(labels)["service"] for (name, labels) in part
+            if name == "saga_participant_consumer_lag"} == {"inventory", "payment", "shipping"}
 
 
 async def test_finished_sagas_expire_from_the_table_after_the_retention(
@@ -325,7 +418,8 @@ async def test_finished_sagas_expire_from_the_table_after_the_retention(
         async with asyncio.timeout(20):
             while await st.client.status(sid) is not None:
                 await asyncio.sleep(0.2)
-        assert st.oapp.metrics.events.labels("expired")._value.get() == 1
+        assert st.oapp.registry.get_sample_value("saga_stream_events_total",
+                                                 {"outcome": "expired"}) == 1
     # the deletion went to the changelog: nothing came back for a dead letter either
     assert await dead_letters(kafka_bootstrap, topic_prefix, 1, timeout=2) == []
 
@@ -458,7 +552,8 @@ async def test_a_restarted_participant_answers_a_redelivered_command_from_storag
             await task
             await storage.close()
             counted = {outcome: registry.get_sample_value(
-                "sagaz_participant_commands_total", {"action": "run", "outcome": outcome})
+                "saga_participant_commands_total",
+                {"service": "billing", "action": "run", "outcome": outcome})
                 for outcome in ("ok", "replayed")}
             assert counted == ({"ok": 1.0, "replayed": None} if _ == 0 else
                                {"ok": None, "replayed": 1.0})
