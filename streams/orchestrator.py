@@ -343,7 +343,7 @@ class Orchestrator:
         state = SagaState.from_dict(doc["state"])
         if state.terminal:  # announce the outcome again: needs no definition
             return Output(None, [(self.topics.outcomes, state.saga_id.encode(),
-                                  outcome_message(doc, state))], [], None)
+                                  outcome_message(doc, state))], [], None, duplicate=True)
         if doc["inbox"][-1] == event_id:
             saga, plan = self.definition(doc)
             sends, timers, _ = self._translate(saga, doc, state, m.resume(plan, state))

@@ -327,7 +327,7 @@ def test_the_worker_reports_waiting_runs_and_changes_without_a_bump(tmp_path: An
         "changed_without_version_bump": [
             {"saga": "vorder", "version": 1, "runs_started_on": vs.v1.fingerprint,
              "fingerprint_here": changed_v1("reserve").fingerprint}]}
-    sample = oapp.metrics.registry.get_sample_value
+    sample = oapp.registry.get_sample_value
     assert sample("saga_stream_waiting_runs", {"saga": "vorder", "version": "1"}) == 1
     oapp._set_waiting({})  # rescanned: none waits any more
     assert sample("saga_stream_waiting_runs", {"saga": "vorder", "version": "1"}) is None
