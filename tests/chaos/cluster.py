@@ -354,9 +354,7 @@ class Cluster:
         assert proc.popen is not None
         proc.popen.send_signal(signal.SIGKILL)
         proc.popen.wait()
-        fault = Fault(kind, proc.name, time.monotonic())
-        self.faults.append(fault)
-        return fault
+        return self.record(kind, proc.name)
 
     def record(self, kind: str, target: str) -> Fault:
         fault = Fault(kind, target, time.monotonic())
@@ -367,9 +365,7 @@ class Cluster:
         assert proc.popen is not None
         proc.popen.send_signal(signal.SIGSTOP)
         proc.stopped = True
-        fault = Fault("SIGSTOP", proc.name, time.monotonic())
-        self.faults.append(fault)
-        return fault
+        return self.record("SIGSTOP", proc.name)
 
     def cont(self, proc: Proc) -> None:
         assert proc.popen is not None
