@@ -19,10 +19,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from functools import partial
-from typing import Any
+from typing import Any, assert_never
 
 from sagaz import machine as m
-from sagaz.context import SagaContext, check_serialisable
+from sagaz import run as run_record
+from sagaz.context import SagaContext
 from sagaz.definition import Saga
 from sagaz.errors import (
     SagaAlreadyRunning,
@@ -33,7 +34,8 @@ from sagaz.errors import (
 )
 from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
-from sagaz.store import InMemorySagaStore, SagaRecord, SagaStore
+from sagaz.run import Run, attempt_data, changes, refusal
+from sagaz.store import InMemorySagaStore, SagaStore
 from sagaz.tracing import SagaTracer
 
 _RUN, _COMP = 0, 1
@@ -92,18 +94,18 @@ async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
 class _Run:
     """One saga run being driven. Not reusable."""
 
-    __slots__ = ("actions", "clock", "ctx", "errors", "key", "loop", "plan", "queue", "saga",
-                 "span", "spans", "store", "tasks", "timers", "tracer", "waiter", "watchers")
+    __slots__ = ("actions", "clock", "errors", "loop", "plan", "queue", "rec", "saga",
+                 "saga_id", "span", "spans", "store", "tasks", "timers", "tracer", "waiter",
+                 "watchers")
 
-    def __init__(self, engine: Engine, saga: Saga, plan: Plan, ctx: SagaContext,
-                 key: str | None) -> None:
-        self.saga, self.plan, self.ctx, self.key = saga, plan, ctx, key
+    def __init__(self, engine: Engine, saga: Saga, plan: Plan, rec: Run) -> None:
+        self.saga, self.plan, self.rec, self.saga_id = saga, plan, rec, rec.saga_id
         self.store, self.clock, self.tracer = engine.store, engine.clock, engine.tracer
         self.span: Any = None  # the run's span, when tracing
         self.spans: dict[tuple[int, str, int], Any] = {}  # attempt -> its span
         self.actions = saga.actions
         self.loop = asyncio.get_running_loop()
-        self.queue: deque[tuple[Any, Any]] = deque()
+        self.queue: deque[m.Event] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.tasks: dict[tuple[int, str, int], asyncio.Task[Any]] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -112,32 +114,30 @@ class _Run:
 
     # -- the loop
 
-    async def drive(self, state: SagaState, cmds: list[Any]) -> SagaResult:
-        plan, queue, clock, store, ctx = self.plan, self.queue, self.clock, self.store, self.ctx
-        handle, execute, terminal = m.handle, self.execute, m.TERMINAL
+    async def drive(self, cmds: m.Commands) -> SagaResult:
+        rec, plan, queue, clock, store = self.rec, self.plan, self.queue, self.clock, self.store
+        state = rec.state
+        apply, execute, terminal = run_record.apply, self.execute, m.TERMINAL
         save_each = not store.keeps_live_state
+        key = rec.idempotency_key
         if self.tracer is not None:
             self.span = self.tracer.run_span(plan.name, state.saga_id)
         try:
-            await store.save(state, ctx, self.key)
+            await store.save(state, rec, key)
             execute(cmds)
             while state.status not in terminal:
                 if not queue:
                     self.waiter = self.loop.create_future()
                     await self.waiter
                     continue
-                event, result = queue.popleft()
-                seq = state.seq
-                _, cmds = handle(plan, state, event, clock())
-                if state.seq == seq:
+                applied, cmds = apply(plan, rec, queue.popleft(), clock())
+                if not applied:
                     continue  # stale or repeated: ignored by the machine
-                if result is not None:
-                    ctx.results[event.step] = result
                 if save_each:  # write-ahead: saved before its commands are carried out
-                    await store.save(state, ctx, self.key)
+                    await store.save(state, rec, key)
                 execute(cmds)
             if not save_each:
-                await store.save(state, ctx, self.key)
+                await store.save(state, rec, key)
         finally:
             if self.timers or self.tasks:
                 await self.settle()
@@ -145,7 +145,7 @@ class _Run:
                 self.tracer.end(self.span, None if state.status is m.SagaStatus.COMPLETED
                                 else f"{state.status.value}: {state.failure}")
         failed = state.failed_step
-        return SagaResult(plan, state, ctx.data, ctx.results,
+        return SagaResult(plan, state, rec.data, rec.results,
                           self.errors.get(failed) if failed else None)
 
     async def settle(self) -> None:
@@ -159,33 +159,36 @@ class _Run:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    def push(self, event: Any, result: Any = None) -> None:
-        self.queue.append((event, result))
+    def push(self, event: m.Event) -> None:
+        self.queue.append(event)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     # -- commands
 
-    def execute(self, cmds: list[Any]) -> None:
+    def execute(self, cmds: m.Commands) -> None:
         for cmd in cmds:
-            kind = type(cmd)
-            if kind is m.RunStep:
-                self.start(_RUN, cmd.step, cmd.attempt)
-            elif kind is m.RunCompensation:
-                self.start(_COMP, cmd.step, cmd.attempt)
-            elif kind is m.ScheduleTimer:
-                delay = max(0.0, cmd.due - self.clock())
-                self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
-            elif kind is m.CancelTimer:
-                handle = self.timers.pop(cmd.key, None)
-                if handle is not None:
-                    handle.cancel()
-            elif kind is m.CancelStep:
-                self.cancel(_RUN, cmd.step, cmd.attempt)
-            elif kind is m.CancelCompensation:
-                self.cancel(_COMP, cmd.step, cmd.attempt)
-            # Finish needs nothing: the loop ends on the terminal state.
+            match cmd:
+                case m.RunStep():
+                    self.start(_RUN, cmd.step, cmd.attempt)
+                case m.RunCompensation():
+                    self.start(_COMP, cmd.step, cmd.attempt)
+                case m.ScheduleTimer():
+                    delay = max(0.0, cmd.due - self.clock())
+                    self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
+                case m.CancelTimer():
+                    handle = self.timers.pop(cmd.key, None)
+                    if handle is not None:
+                        handle.cancel()
+                case m.CancelStep():
+                    self.cancel(_RUN, cmd.step, cmd.attempt)
+                case m.CancelCompensation():
+                    self.cancel(_COMP, cmd.step, cmd.attempt)
+                case m.Finish():
+                    pass  # nothing to do: the loop ends on the terminal state
+                case _:
+                    assert_never(cmd)
 
     def fire(self, key: str) -> None:
         self.timers.pop(key, None)
@@ -198,55 +201,71 @@ class _Run:
         else:
             # Nothing runs it here (it finished, and that outcome is queued ahead of this,
             # or the run was resumed in a new process): confirm the cancellation at once.
-            self.outcome(kind, step, attempt, None, asyncio.CancelledError())
+            self.outcome(kind, step, attempt, None, asyncio.CancelledError(), None, None)
 
     def start(self, kind: int, step: str, attempt: int) -> None:
         if self.tracer is not None:
             self.spans[(kind, step, attempt)] = self.tracer.attempt_span(
                 self.span, "step" if kind == _RUN else "compensate", step, attempt,
-                self.ctx.saga_id)
+                self.saga_id)
         fn = self.actions[step][kind]
+        # The attempt works on its own copy of the data: its writes count only once its
+        # success is applied (sagaz.run: the same rule as over Kafka).
+        rec = self.rec
+        before = rec.data
+        ctx = _attempt_context(self.saga_id, self.saga.name, attempt_data(before),
+                               dict(rec.results))
         try:
-            coro: Any = fn(self.ctx)  # type: ignore[misc]  # _prepare: actions exist
+            coro: Any = fn(ctx)  # type: ignore[misc]  # _prepare: actions exist
             yielded = coro.send(None)
         except StopIteration as stop:
-            self.outcome(kind, step, attempt, stop.value, None)
+            self.outcome(kind, step, attempt, stop.value, None, ctx, before)
             return
         except (Exception, asyncio.CancelledError) as exc:
             # Drop this frame from the traceback: it starts at the step, and the exception
             # kept in the result does not hold the run alive through a reference cycle.
             if exc.__traceback__ is not None:
                 exc.__traceback__ = exc.__traceback__.tb_next
-            self.outcome(kind, step, attempt, None, exc)
+            self.outcome(kind, step, attempt, None, exc, None, None)
             return
         task = self.loop.create_task(_continue(coro, yielded))
         self.tasks[(kind, step, attempt)] = task
-        task.add_done_callback(partial(self.task_done, kind, step, attempt))
+        task.add_done_callback(partial(self.task_done, kind, step, attempt, ctx, before))
 
-    def task_done(self, kind: int, step: str, attempt: int, task: asyncio.Task[Any]) -> None:
+    def task_done(self, kind: int, step: str, attempt: int, ctx: SagaContext,
+                  before: dict[str, Any], task: asyncio.Task[Any]) -> None:
         del self.tasks[(kind, step, attempt)]
         if task.cancelled():
-            self.outcome(kind, step, attempt, None, asyncio.CancelledError())
+            self.outcome(kind, step, attempt, None, asyncio.CancelledError(), None, None)
             return
         exc = task.exception()
-        self.outcome(kind, step, attempt, None if exc else task.result(), exc)
+        self.outcome(kind, step, attempt, None if exc else task.result(), exc, ctx, before)
 
     def outcome(self, kind: int, step: str, attempt: int, value: Any,
-                exc: BaseException | None) -> None:
+                exc: BaseException | None, ctx: SagaContext | None,
+                before: dict[str, Any] | None) -> None:
         if self.tracer is not None:
             span = self.spans.pop((kind, step, attempt), None)
             if span is not None:
                 self.tracer.end(span, None if exc is None else describe(exc))
-        if exc is None and kind == _RUN and type(value) not in _PLAIN:
-            try:
-                check_serialisable(f"result of step {step!r}", value)
-            except SagaContextError as bad:
-                exc = bad
         if exc is None:
+            assert ctx is not None and before is not None
+            changed = changes(before, ctx.data)
             if kind == _RUN:
-                self.push(m.StepSucceeded(step, attempt), value)
-            else:
-                self.push(m.CompensationSucceeded(step, attempt))
+                if changed is not None or type(value) not in _PLAIN:
+                    reason = refusal(step, value, changed)
+                    if reason is not None:  # ran, outcome unusable: as over Kafka
+                        self.errors[step] = SagaContextError(reason)
+                        self.push(run_record.refused(step, attempt, reason))
+                        return
+                self.push(m.StepSucceeded(step, attempt, value, changed))
+                return
+            reason = refusal(step, None, changed) if changed is not None else None
+            if reason is None:
+                self.push(m.CompensationSucceeded(step, attempt, changed))
+                return
+            self.errors[step] = SagaContextError(reason)
+            self.push(m.CompensationFailed(step, attempt, reason, False))
             return
         self.errors[step] = exc
         cancelled = isinstance(exc, asyncio.CancelledError)
@@ -260,6 +279,17 @@ class _Run:
             self.push(m.CompensationFailed(
                 step, attempt, "cancelled" if cancelled else describe(exc),
                 not cancelled and policy.compensation_retry.retryable(exc)))
+
+
+def _attempt_context(saga_id: str, name: str, data: dict[str, Any],
+                     results: dict[str, Any]) -> SagaContext:
+    """A context for one attempt, without re-validating data that was validated already."""
+    ctx = _new_context(SagaContext)
+    ctx.saga_id, ctx.saga_name, ctx.data, ctx.results = saga_id, name, data, results
+    return ctx
+
+
+_new_context = object.__new__
 
 
 class Engine:
@@ -314,9 +344,10 @@ class Engine:
             if owner != saga_id:
                 return _check(await self._existing(saga, idempotency_key, owner),
                               raise_on_failure)
-        run = _Run(self, saga, plan, ctx, idempotency_key)
-        state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
-        return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+        rec, cmds = run_record.start(plan, saga_id, ctx.data, self.clock(),
+                                     confirms_cancel=True, idempotency_key=idempotency_key)
+        run = _Run(self, saga, plan, rec)
+        return _check(await self._track(saga_id, run, run.drive(cmds)), raise_on_failure)
 
     async def _claim(self, name: str, key: str, saga_id: str) -> str:
         scoped = (name, key)
@@ -344,37 +375,36 @@ class Engine:
         """Continue a run from its stored state: in-flight attempts are issued again."""
         if saga_id in self._inflight:
             return _check(await self._wait(self._inflight[saga_id]), raise_on_failure)
-        record, state = await self._load(saga, saga_id)
-        return await self._continue(saga, record, state, m.resume(saga.plan, state),
+        rec = await self._load(saga, saga_id)
+        return await self._continue(saga, rec, m.resume(saga.plan, rec.state),
                                     raise_on_failure)
 
     async def retry_compensations(self, saga: Saga, saga_id: str, *,
                                   raise_on_failure: bool = False) -> SagaResult:
         """Operator action: give each failed compensation of a FAILED run one more attempt."""
-        record, state = await self._load(saga, saga_id)
+        rec = await self._load(saga, saga_id)
+        state = rec.state
         if state.status is not m.SagaStatus.FAILED:
             raise ValueError(f"saga {saga_id!r} is {state.status.value}, not failed: only a "
                              f"failed saga's compensations can be retried")
         state.confirms_cancel = True
-        _, cmds = m.handle(saga.plan, state, m.RetryCompensations(), self.clock())
-        return await self._continue(saga, record, state, cmds, raise_on_failure)
+        _, cmds = run_record.apply(saga.plan, rec, m.RetryCompensations(), self.clock())
+        return await self._continue(saga, rec, cmds, raise_on_failure)
 
-    async def _load(self, saga: Saga, saga_id: str) -> tuple[SagaRecord, SagaState]:
-        """A stored run of this saga definition, and its machine state."""
+    async def _load(self, saga: Saga, saga_id: str) -> Run:
+        """A stored run of this saga definition."""
         _prepare(saga)
         record = await self.store.load(saga_id)
         if record is None:
             raise KeyError(f"no saga {saga_id!r} in the store")
         if record.name != saga.name:
             raise ValueError(f"saga {saga_id!r} is a {record.name!r}, not a {saga.name!r}")
-        return record, SagaState.from_dict(record.state)
+        return run_record.from_record(record)
 
-    async def _continue(self, saga: Saga, record: SagaRecord, state: SagaState,
-                        cmds: list[Any], raise_on_failure: bool) -> SagaResult:
-        ctx = SagaContext(state.saga_id, saga.name, record.data, record.results)
-        run = _Run(self, saga, saga.plan, ctx, record.idempotency_key)
-        return _check(await self._track(state.saga_id, run, run.drive(state, cmds)),
-                      raise_on_failure)
+    async def _continue(self, saga: Saga, rec: Run, cmds: m.Commands,
+                        raise_on_failure: bool) -> SagaResult:
+        run = _Run(self, saga, saga.plan, rec)
+        return _check(await self._track(rec.saga_id, run, run.drive(cmds)), raise_on_failure)
 
     async def _track(self, saga_id: str, run: _Run,
                      coro: Coroutine[Any, Any, SagaResult]) -> SagaResult:

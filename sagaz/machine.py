@@ -232,6 +232,10 @@ class Plan:
 class StepSucceeded(NamedTuple):
     step: str
     attempt: int
+    #: the step's return value and the context keys it set (``sagaz.run.changes``): the
+    #: machine ignores both; ``sagaz.run.apply`` keeps them when the event is applied
+    result: Any = None
+    changes: dict[str, Any] | None = None
 
 
 class StepFailed(NamedTuple):
@@ -252,6 +256,7 @@ class StepCancelled(NamedTuple):
 class CompensationSucceeded(NamedTuple):
     step: str
     attempt: int
+    changes: dict[str, Any] | None = None  # context keys it set; see StepSucceeded
 
 
 class CompensationFailed(NamedTuple):
@@ -427,7 +432,7 @@ class SagaState:
 
 # --------------------------------------------------------------------------- transitions
 
-Commands = list[Any]
+Commands = list[Command]
 
 
 def start(plan: Plan, saga_id: str, now: float, *,
@@ -449,15 +454,24 @@ def start(plan: Plan, saga_id: str, now: float, *,
     return state, cmds
 
 
-def handle(plan: Plan, state: SagaState, event: Event, now: float) -> tuple[SagaState, Commands]:
-    """Apply one event. Stale, repeated and late events return no commands."""
+def transition(plan: Plan, state: SagaState, event: Event,
+               now: float) -> tuple[bool, Commands]:
+    """Apply one event: (applied, commands). An ignored event (stale, repeated, late)
+    returns (False, []) and leaves the state untouched; the shells need no other test."""
     if state.status in TERMINAL and type(event) is not RetryCompensations:
-        return state, []
+        return False, []
     cmds: Commands = []
     if _HANDLERS[type(event)](plan, state, event, now, cmds):
         state.updated_at = now
         state.seq += 1
-    return state, cmds
+        return True, cmds
+    return False, cmds
+
+
+def handle(plan: Plan, state: SagaState, event: Event, now: float) -> tuple[SagaState, Commands]:
+    """Apply one event (``transition``, returning the state). Stale, repeated and late
+    events return no commands."""
+    return state, transition(plan, state, event, now)[1]
 
 
 def resume(plan: Plan, state: SagaState) -> Commands:

@@ -44,9 +44,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-
 from sagaz import messages
+from sagaz import run as run_record
 from sagaz.context import SagaContext
 from sagaz.definition import Saga, Step
 from sagaz.errors import describe
@@ -497,8 +496,10 @@ class Participant:
             policy = step.retry if action == "run" else step.compensation_retry
             timeout = step.timeout if action == "run" else step.compensation_timeout
             ctx = SagaContext(msg["saga_id"], msg["saga"])
-            ctx.data, ctx.results = msg["data"], msg["results"]  # came as JSON: valid
-            before = dict(ctx.data)
+            # came as JSON: valid. The step works on a copy (sagaz.run: the same rule as
+            # in-process), so its writes, also in place, are found by comparing.
+            before = msg["data"]
+            ctx.data, ctx.results = run_record.attempt_data(before), msg["results"]
             deadline = asyncio.timeout(timeout)
             try:
                 if fn is None:
@@ -515,17 +516,14 @@ class Participant:
             except Exception as exc:
                 error, retryable = describe(exc), policy.retryable(exc)
             if ok:
-                changed = {k: v for k, v in ctx.data.items()
-                           if k not in before or before[k] != v}
-                try:
-                    orjson.dumps([result, changed])
-                except TypeError as exc:
+                if action != "run":
+                    result = None  # a compensation's return value is not used
+                changed = run_record.changes(before, ctx.data) or {}
+                refused = run_record.refusal(step.name, result, changed)
+                if refused is not None:  # not retryable; a step ran: compensate it
                     ok, result, changed, applied = False, None, {}, action == "run"
-                    error = f"result of step {step.name!r} is not serialisable: {exc}"
+                    error = refused
         reply = self._reply(msg, ok, result, error, retryable, changed, applied)
-        if len(reply) > self.max_message_bytes and ok and action == "compensate":
-            # a compensation's result is not used: it succeeded, say so without it
-            reply = self._reply(msg, True, None, None, False, {})
         if len(reply) > self.max_message_bytes:
             ok = False
             reply = self._reply(msg, False, None, f"result of step {msg['step']!r} is too "

@@ -43,17 +43,16 @@ every half horizon to arm the next ones.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
-
-import orjson
+from typing import Any, NamedTuple, assert_never
 
 from sagaz import machine as m
 from sagaz import messages
+from sagaz import run as run_record
 from sagaz.definition import Saga
-from sagaz.machine import Plan, SagaState
+from sagaz.machine import Plan
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 
-ROW_VERSION = 1
+ROW_VERSION = run_record.CODEC_VERSION  # rows are sagaz.run records
 EXPIRE = "sagaz:expire"  # timer key of a finished saga's retention; not a machine timer
 EXPIRY_HORIZON = 3600.0  # seconds ahead that expiry timers are armed in the index
 
@@ -116,19 +115,10 @@ class Orchestrator:
         self._expect = {getattr(topics, k): v for k, v in _EXPECT.items()}
 
     def view(self, row: bytes) -> dict[str, Any]:
-        """The JSON a web view returns for a saga row."""
-        doc = orjson.loads(row)
-        state = SagaState.from_dict(doc["state"])
-        entry = self.sagas.get(doc["saga"])
-        names = [sp.name for sp in entry[1].steps] if entry else [
-            f"#{i}" for i in range(len(state.steps))]
-        return {"saga_id": state.saga_id, "saga": doc["saga"], "status": state.status.value,
-                "error": state.failure, "failed_step": state.failed_step,
-                "started_at": state.started_at, "updated_at": state.updated_at,
-                "ended_at": state.ended_at, "expires_at": doc.get("expires_at"),
-                "idempotency_key": doc["key"],
-                "data": doc["data"], "results": doc["results"],
-                "steps": [step_view(n, st) for n, st in zip(names, state.steps, strict=True)]}
+        """The JSON a web view returns for a saga row (``sagaz.run.view``)."""
+        rec = run_record.decode(row)
+        entry = self.sagas.get(rec.name)
+        return run_record.view(rec, entry[1] if entry else None)
 
     def participants(self) -> set[str]:
         return {participant_of(s, n) for s, _ in self.sagas.values() for n in s.steps}
@@ -156,17 +146,16 @@ class Orchestrator:
 
     def _start(self, msg: dict[str, Any], row: bytes | None, now: float) -> Output:
         if row is not None:  # idempotent start: same saga id, same saga
-            return self._repeat(orjson.loads(row), "start")
+            return self._repeat(run_record.decode(row), "start")
         entry = self.sagas.get(msg["saga"])
         if entry is None:
             raise MessageError(f"unknown saga definition {msg['saga']!r}; this worker has "
                                f"{sorted(self.sagas)}")
         saga, plan = entry
-        state, cmds = m.start(plan, msg["saga_id"], now)
-        doc = {"v": ROW_VERSION, "saga": saga.name, "state": None, "data": msg["data"],
-               "results": {}, "inbox": ["start"], "key": msg["idempotency_key"],
-               "trace": msg.get("trace")}
-        out = self._commit(saga, plan, doc, state, cmds)
+        rec, cmds = run_record.start(plan, msg["saga_id"], msg["data"], now,
+                                     idempotency_key=msg["idempotency_key"],
+                                     trace=msg.get("trace"), event_id="start")
+        out = self._commit(saga, plan, rec, cmds)
         too_big = self._oversize(out)
         if too_big:
             raise MessageError(f"start of saga {msg['saga_id']!r} ({saga.name}) refused: "
@@ -175,56 +164,48 @@ class Orchestrator:
         return out
 
     def _event(self, msg: dict[str, Any], row: bytes, now: float) -> Output:
-        doc = orjson.loads(row)
-        entry = self.sagas.get(doc["saga"])
+        rec = run_record.decode(row)
+        entry = self.sagas.get(rec.name)
         if entry is None:
-            raise MessageError(f"saga {msg['saga_id']!r} is a {doc['saga']!r}, which this "
+            raise MessageError(f"saga {msg['saga_id']!r} is a {rec.name!r}, which this "
                                f"worker does not define")
         saga, plan = entry
         if msg["type"] == "timer":
-            early = self._early_timer(msg["key"], doc, now)
+            early = self._early_timer(msg["key"], rec, now)
             if early is not None:
                 return early
             if msg["key"] == EXPIRE:
                 return Output(None, [], [], None, delete=True)
-        event_id, event, result = self._to_event(msg, plan, doc)
-        if event_id in doc["inbox"]:
-            return self._repeat(doc, event_id)
-        out = self._apply(saga, plan, doc, event_id, event, result, msg.get("set"), now)
+        event_id, event = self._to_event(msg, plan, rec)
+        out = self._apply(saga, plan, rec, event_id, event, now)
         too_big = self._oversize(out)
         if too_big and isinstance(event, m.StepSucceeded):
             # The result does not fit: the step fails (retrying would return the same).
             # Its effect happened: it is compensated if the saga aborts.
-            event = m.StepFailed(event.step, event.attempt, f"result of step {event.step!r} "
-                                 f"is too large: {too_big}; keep large payloads outside the "
-                                 f"saga and return a reference", False, applied=True)
-            out = self._apply(saga, plan, orjson.loads(row), event_id, event, None, None, now)
+            event = run_record.refused(
+                event.step, event.attempt, f"result of step {event.step!r} is too large: "
+                f"{too_big}; keep large payloads outside the saga and return a reference")
+            out = self._apply(saga, plan, run_record.decode(row), event_id, event, now)
             too_big = self._oversize(out)
         if too_big:
             raise MessageError(f"saga {msg['saga_id']!r} unchanged: applying this "
                                f"{msg['type']} would write {too_big}")
         return out
 
-    def _apply(self, saga: Saga, plan: Plan, doc: dict[str, Any], event_id: str, event: Any,
-               result: Any, changed: dict[str, Any] | None, now: float) -> Output:
-        state = SagaState.from_dict(doc["state"])
-        seq = state.seq
-        _, cmds = m.handle(plan, state, event, now)
-        if state.seq == seq:
-            return Output(None, [], [], None)  # stale: the machine ignored it
-        if isinstance(event, m.StepSucceeded):
-            if result is not None:
-                doc["results"][event.step] = result
-            doc["data"].update(changed or {})  # context keys the step set, as in-process
-        inbox = doc["inbox"]
-        inbox.append(event_id)
-        del inbox[:-self.inbox_size]
-        return self._commit(saga, plan, doc, state, cmds)
+    def _apply(self, saga: Saga, plan: Plan, rec: run_record.Run, event_id: str,
+               event: m.Event, now: float) -> Output:
+        applied, cmds = run_record.apply(plan, rec, event, now, event_id, self.inbox_size)
+        if applied:
+            return self._commit(saga, plan, rec, cmds)
+        if not cmds:
+            return Output(None, [], [], None)  # stale (the machine ignored it), or repeated
+        sends, timers, _ = self._translate(saga, rec, cmds)  # the last event again
+        return Output(None, sends, timers, None)
 
-    def _early_timer(self, key: str, doc: dict[str, Any], now: float) -> Output | None:
+    def _early_timer(self, key: str, rec: run_record.Run, now: float) -> Output | None:
         """An armed timer whose due time has not come: nothing happens, and it is armed
         again (the index popped it). None when the timer may be applied."""
-        due = doc.get("expires_at") if key == EXPIRE else doc["state"]["timers"].get(key)
+        due = rec.expires_at if key == EXPIRE else rec.state.timers.get(key)
         if due is None:
             # Not armed: a stale timer (the machine ignores it) or a repeated expiry of a
             # saga that a retry made unfinished again (kept: it has no expires_at).
@@ -246,17 +227,17 @@ class Orchestrator:
         return None
 
     @staticmethod
-    def _to_event(msg: dict[str, Any], plan: Plan, doc: dict[str, Any]) -> tuple[str, Any, Any]:
+    def _to_event(msg: dict[str, Any], plan: Plan, rec: run_record.Run) -> tuple[str, m.Event]:
         kind = msg["type"]
         if kind == "cancel":
-            return f"cancel|{msg['request_id']}", m.CancelRequested(msg["reason"]), None
+            return f"cancel|{msg['request_id']}", m.CancelRequested(msg["reason"])
         if kind == "retry":
-            return f"retry|{msg['request_id']}", m.RetryCompensations(), None
+            return f"retry|{msg['request_id']}", m.RetryCompensations()
         if kind == "timer":
-            return f"timer|{msg['key']}", m.TimerFired(msg["key"]), None
+            return f"timer|{msg['key']}", m.TimerFired(msg["key"])
         step, attempt, action = msg["step"], msg["attempt"], msg["action"]
         if step not in plan.index:
-            raise MessageError(f"saga {doc['saga']!r} has no step {step!r}")
+            raise MessageError(f"saga {rec.name!r} has no step {step!r}")
         if action not in ("run", "compensate"):
             raise MessageError(f"result action must be 'run' or 'compensate', got {action!r}")
         expected = m.command_id(msg["saga_id"], step, attempt, action)
@@ -267,62 +248,61 @@ class Orchestrator:
         error = clip(msg["error"] or "failed", MAX_ERROR_CHARS)
         if action == "run":
             if msg["ok"]:
-                return event_id, m.StepSucceeded(step, attempt), msg["result"]
+                return event_id, m.StepSucceeded(step, attempt, msg["result"],
+                                                 msg["set"] or None)
             # applied: the participant ran it but could not report its result (too large)
             return event_id, m.StepFailed(step, attempt, error, msg["retryable"],
-                                          applied=msg.get("applied") is True), None
+                                          applied=msg.get("applied") is True)
         if msg["ok"]:
-            return event_id, m.CompensationSucceeded(step, attempt), None
-        return event_id, m.CompensationFailed(step, attempt, error, msg["retryable"]), None
+            return event_id, m.CompensationSucceeded(step, attempt, msg["set"] or None)
+        return event_id, m.CompensationFailed(step, attempt, error, msg["retryable"])
 
-    def _repeat(self, doc: dict[str, Any], event_id: str) -> Output:
-        """A repeated input changes nothing. Only a repeat of the last applied event can mean
-        its commands were lost (a crash after the row was written, before they were): then
-        re-emit what is in flight. A finished saga re-announces its outcome."""
-        saga, plan = self.sagas[doc["saga"]]
-        state = SagaState.from_dict(doc["state"])
-        if state.terminal or doc["inbox"][-1] == event_id:
-            sends, timers, _ = self._translate(saga, doc, state, m.resume(plan, state))
-            return Output(None, sends, timers, None)
-        return Output(None, [], [], None)
+    def _repeat(self, rec: run_record.Run, event_id: str) -> Output:
+        """A repeated input changes nothing; ``sagaz.run.repeat`` says what to send again."""
+        saga, plan = self.sagas[rec.name]
+        sends, timers, _ = self._translate(saga, rec, run_record.repeat(plan, rec, event_id))
+        return Output(None, sends, timers, None)
 
-    def _commit(self, saga: Saga, plan: Plan, doc: dict[str, Any], state: SagaState,
-                cmds: list[Any]) -> Output:
-        doc["state"] = state.to_dict()
-        sends, timers, disarmed = self._translate(saga, doc, state, cmds)
+    def _commit(self, saga: Saga, plan: Plan, rec: run_record.Run,
+                cmds: m.Commands) -> Output:
+        state = rec.state
+        sends, timers, disarmed = self._translate(saga, rec, cmds)
         if self.retention and state.status in _EXPIRES and state.ended_at is not None:
-            doc["expires_at"] = state.ended_at + self.retention
-            if doc["expires_at"] <= state.ended_at + EXPIRY_HORIZON:
-                timers.append((doc["expires_at"], EXPIRE))
+            rec.expires_at = state.ended_at + self.retention
+            if rec.expires_at <= state.ended_at + EXPIRY_HORIZON:
+                timers.append((rec.expires_at, EXPIRE))
         else:
-            doc.pop("expires_at", None)
-        return Output(orjson.dumps(doc), sends, timers, None, disarmed)
+            rec.expires_at = None
+        return Output(run_record.encode(rec), sends, timers, None, disarmed)
 
-    def _translate(self, saga: Saga, doc: dict[str, Any], state: SagaState,
-                   cmds: list[Any]) -> tuple[list[tuple[str, bytes, bytes]],
-                                             list[tuple[float, str]], list[str]]:
+    def _translate(self, saga: Saga, rec: run_record.Run, cmds: m.Commands
+                   ) -> tuple[list[tuple[str, bytes, bytes]], list[tuple[float, str]],
+                              list[str]]:
         sends: list[tuple[str, bytes, bytes]] = []
         timers: list[tuple[float, str]] = []
         disarmed: list[str] = []
+        state = rec.state
         key = state.saga_id.encode()
         for cmd in cmds:
-            kind = type(cmd)
-            if kind is m.RunStep or kind is m.RunCompensation:
-                sends.append((self.topics.participant(participant_of(saga, cmd.step)), key,
-                              messages.encode(
-                                  "run" if kind is m.RunStep else "compensate", state.saga_id,
-                                  doc.get("trace"), saga=saga.name, step=cmd.step,
-                                  attempt=cmd.attempt, command_id=cmd.command_id,
-                                  data=doc["data"],
-                                  results=doc["results"])))
-            elif kind is m.ScheduleTimer:
-                timers.append((cmd.due, cmd.key))
-            elif kind is m.CancelTimer:
-                disarmed.append(cmd.key)
-            elif kind is m.Finish:
-                sends.append((self.topics.outcomes, key, outcome_message(doc, state)))
-            # CancelStep/CancelCompensation: a remote attempt cannot be stopped; the machine
-            # runs with confirms_cancel=False and stops waiting for it.
+            match cmd:
+                case m.RunStep() | m.RunCompensation():
+                    sends.append((
+                        self.topics.participant(participant_of(saga, cmd.step)), key,
+                        messages.encode(
+                            "run" if type(cmd) is m.RunStep else "compensate", state.saga_id,
+                            rec.trace, saga=saga.name, step=cmd.step, attempt=cmd.attempt,
+                            command_id=cmd.command_id, data=rec.data, results=rec.results)))
+                case m.ScheduleTimer():
+                    timers.append((cmd.due, cmd.key))
+                case m.CancelTimer():
+                    disarmed.append(cmd.key)
+                case m.Finish():
+                    sends.append((self.topics.outcomes, key, outcome_message(rec)))
+                case m.CancelStep() | m.CancelCompensation():
+                    pass  # a remote attempt cannot be stopped; the machine runs with
+                    # confirms_cancel=False and stops waiting for it
+                case _:
+                    assert_never(cmd)
         return sends, timers, disarmed
 
 
@@ -332,21 +312,19 @@ _EXPIRES = frozenset({m.SagaStatus.COMPLETED, m.SagaStatus.COMPENSATED})
 def armed_timers(row: bytes, until: float) -> list[tuple[float, str]]:
     """The timers a row holds for the timer index: the machine's, and its expiry when that
     is due by ``until``."""
-    doc = orjson.loads(row)
-    timers = [(due, k) for k, due in doc["state"]["timers"].items()]
-    if doc.get("expires_at", until + 1) <= until:
-        timers.append((doc["expires_at"], EXPIRE))
+    rec = run_record.decode(row)
+    timers = [(due, k) for k, due in rec.state.timers.items()]
+    if rec.expires_at is not None and rec.expires_at <= until:
+        timers.append((rec.expires_at, EXPIRE))
     return timers
 
 
-def outcome_message(doc: dict[str, Any], state: SagaState) -> bytes:
-    return messages.encode("outcome", state.saga_id, doc.get("trace"), saga=doc["saga"],
+def outcome_message(rec: run_record.Run) -> bytes:
+    state = rec.state
+    return messages.encode("outcome", state.saga_id, rec.trace, saga=state.name,
                            status=state.status.value, error=state.failure,
-                           failed_step=state.failed_step, data=doc["data"],
-                           results=doc["results"])
+                           failed_step=state.failed_step, data=rec.data,
+                           results=rec.results)
 
 
-def step_view(name: str, st: m.StepState) -> dict[str, Any]:
-    return {"name": name, "status": st.status.value, "attempts": st.attempt,
-            "compensation_attempts": st.comp_attempt, "started_at": st.started_at,
-            "ended_at": st.ended_at, "error": st.error, "compensation_error": st.comp_error}
+step_view = run_record.step_view  # where it was before sagaz.run
