@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from sagaz.errors import describe
+from sagaz.errors import SagazError, describe
 from sagaz.messages import dead_letter_headers
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.storage import Handler, Storage, check_inbox_args
@@ -247,7 +247,7 @@ class InboxConsumer:
                     pass
 
 
-class _HandlerFailed(Exception):
+class _HandlerFailed(SagazError):
     """The handler itself raised (not an infrastructure error): counts as an attempt."""
 
 

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from sagaz.errors import SagazError
 from sagaz.security import KafkaSecurity, options, start_client
 
 
@@ -30,7 +31,7 @@ def producer_stopped(producer: Any) -> bool:
     return bool(getattr(producer, "_closed", False)) or (sender is not None and sender.done())
 
 
-class TopicMismatch(RuntimeError):
+class TopicMismatch(SagazError, RuntimeError):
     """An existing topic has a partition count other than the one required."""
 
 

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sagaz import messages
 from sagaz.definition import Saga
-from sagaz.errors import describe
+from sagaz.errors import SagazError, describe
 from sagaz.messages import MAX_ERROR_CHARS, clip
 from sagaz.topics import ensure_topics, producer_stopped
 from streams.config import Settings
@@ -83,7 +83,7 @@ class _SagaTable(faust.Table):
         return fut
 
 
-class DeadLetterFailed(RuntimeError):
+class DeadLetterFailed(SagazError, RuntimeError):
     """The dead-letter copy of an input could not be written."""
 
 
