@@ -52,7 +52,7 @@ from sagaz.errors import describe
 from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 from sagaz.security import KafkaSecurity, options, start_client
-from sagaz.topics import ensure_topics, producer_stopped
+from sagaz.topics import ensure_topics, producer_stopped, topic_name
 
 log = logging.getLogger("sagaz.participant")
 
@@ -96,10 +96,10 @@ class Participant:
         self.bootstrap = bootstrap
         self.security = security
         self.prefix = prefix
-        self.topic = f"{prefix}.participant.{service}"
-        self.results_topic = f"{prefix}.results"
-        self.dead_letters = f"{prefix}.dead-letters"
-        self.inbox_topic = f"{self.topic}.inbox"
+        self.topic = topic_name(prefix, "participant", service)
+        self.results_topic = topic_name(prefix, "results")
+        self.dead_letters = topic_name(prefix, "dead-letters")
+        self.inbox_topic = topic_name(prefix, "participant-inbox", service)
         self.inbox = inbox
         self.datadir = datadir
         self.max_batch, self.concurrency = max_batch, concurrency
@@ -203,7 +203,7 @@ class Participant:
             **options(self.security))
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
-            group_id=f"{self.prefix}.participant.{self.service}",
+            group_id=self.topic,  # the group is named like its topic
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=self.max_batch, **options(self.security))
         what = f"participant {self.service!r}"

@@ -114,7 +114,7 @@ class OrchestratorApp:
         self._counts: dict[str, int] = {}  # partition counts of the output topics
         n = settings.partitions
         self.app = app = faust.App(
-            f"{settings.prefix}-orchestrator",
+            self.topics.orchestrator,
             broker=f"kafka://{settings.bootstrap}",
             store="rocksdb://",
             datadir=str(settings.tabledir),
@@ -172,7 +172,7 @@ class OrchestratorApp:
 
     @property
     def changelog_topic(self) -> str:
-        return f"{self.app.conf.id}-sagas-changelog"
+        return self.topics.changelog
 
     # -- start-up checks
 

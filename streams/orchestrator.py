@@ -51,31 +51,12 @@ from sagaz import run as run_record
 from sagaz.definition import Saga
 from sagaz.machine import Plan
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
+from sagaz.topics import Topics
 
 ROW_VERSION = run_record.CODEC_VERSION  # rows are sagaz.run records
 EXPIRE = "sagaz:expire"  # timer key of a finished saga's retention; not a machine timer
 EXPIRY_HORIZON = 3600.0  # seconds ahead that expiry timers are armed in the index
-
-
-class Topics:
-    """Topic names of one sagaz deployment, all derived from a prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        if not prefix or not all(c.isalnum() or c in "._-" for c in prefix):
-            raise ValueError(f"topic prefix must be non-empty [A-Za-z0-9._-], got {prefix!r}")
-        self.prefix = prefix
-        self.commands = f"{prefix}.commands"
-        self.results = f"{prefix}.results"
-        self.timers = f"{prefix}.timers"
-        self.outcomes = f"{prefix}.outcomes"
-        self.dead_letters = f"{prefix}.dead-letters"
-
-    @property
-    def inputs(self) -> tuple[str, str, str]:
-        return (self.commands, self.results, self.timers)
-
-    def participant(self, service: str) -> str:
-        return f"{self.prefix}.participant.{service}"
+__all__ = ["EXPIRE", "EXPIRY_HORIZON", "Orchestrator", "Output", "Topics", "armed_timers"]
 
 
 class Output(NamedTuple):
