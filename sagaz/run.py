@@ -233,12 +233,20 @@ def from_doc(doc: Any) -> Run:
         raise RunCodecError(f"unsupported run record version {v!r} (this sagaz reads 1 and "
                             f"{CODEC_VERSION}); was it written by a newer sagaz?")
     try:
-        return Run(SagaState.from_dict(doc["state"]), doc["data"], doc["results"],
-                   idempotency_key=doc["key"], trace=doc.get("trace"), inbox=doc["inbox"],
-                   expires_at=doc.get("expires_at"), version=doc.get("version", 1),
-                   fingerprint=doc.get("fingerprint", ""))
+        # Slots set directly: this runs for every input of the stream worker.
+        run = _new_run(Run)
+        run.state = _from_dict(doc["state"])
+        run.data, run.results, run.inbox = doc["data"], doc["results"], doc["inbox"]
+        run.idempotency_key, run.trace = doc["key"], doc.get("trace")
+        run.expires_at = doc.get("expires_at")
+        run.version, run.fingerprint = doc.get("version", 1), doc.get("fingerprint", "")
+        return run
     except (KeyError, TypeError, ValueError) as exc:
         raise RunCodecError(f"malformed run record (version {v}): {exc!r}") from None
+
+
+_new_run = object.__new__
+_from_dict = SagaState.from_dict
 
 
 def decode(raw: bytes) -> Run:

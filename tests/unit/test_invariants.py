@@ -387,7 +387,7 @@ def test_the_code_makes_exactly_the_documented_transitions(monkeypatch) -> None:
     monkeypatch.setattr(m, "start", recorded(start))
     _Recorded.steps, _Recorded.sagas = set(), set()
 
-    @settings(max_examples=max(600, EXAMPLES // 5), deadline=None, database=None,
+    @settings(max_examples=max(400, EXAMPLES // 8), deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(plan=plans(), data=st.data())
     def explore(plan: Plan, data: st.DataObject) -> None:
@@ -402,11 +402,16 @@ def test_the_code_makes_exactly_the_documented_transitions(monkeypatch) -> None:
             shell.deliver(m.RetryCompensations())
             shell.loop()
 
-    explore()
+    for _ in range(6):  # rare transitions may need another random batch
+        explore()
+        if set(m.STEP_TRANSITIONS) <= _Recorded.steps and \
+                set(m.SAGA_TRANSITIONS) <= _Recorded.sagas:
+            break
     assert _Recorded.steps - set(m.STEP_TRANSITIONS) == set(), "undocumented transitions"
     assert _Recorded.sagas - set(m.SAGA_TRANSITIONS) == set(), "undocumented transitions"
     assert set(m.STEP_TRANSITIONS) - _Recorded.steps == set(), "documented, never made"
     assert set(m.SAGA_TRANSITIONS) - _Recorded.sagas == set(), "documented, never made"
+    # (a row never made in 6 batches of random runs is taken for one the code cannot make)
 
 
 def test_the_docstring_lists_the_step_table() -> None:
