@@ -34,7 +34,7 @@ from sagaz.errors import (
 )
 from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
-from sagaz.run import Run, attempt_data, changes, refusal
+from sagaz.run import Run, attempt_data, changes, has_containers, refusal
 from sagaz.store import InMemorySagaStore, SagaStore
 from sagaz.tracing import SagaTracer
 
@@ -94,12 +94,15 @@ async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
 class _Run:
     """One saga run being driven. Not reusable."""
 
-    __slots__ = ("actions", "clock", "errors", "loop", "plan", "queue", "rec", "saga",
-                 "saga_id", "span", "spans", "store", "tasks", "timers", "tracer", "waiter",
-                 "watchers")
+    __slots__ = ("actions", "clock", "errors", "loop", "name", "nested", "plan", "queue", "rec",
+                 "saga", "saga_id", "scanned", "span", "spans", "store", "tasks", "timers",
+                 "tracer", "waiter", "watchers")
 
     def __init__(self, engine: Engine, saga: Saga, plan: Plan, rec: Run) -> None:
         self.saga, self.plan, self.rec, self.saga_id = saga, plan, rec, rec.saga_id
+        self.name = saga.name
+        self.scanned: dict[str, Any] | None = None  # the data dict ``nested`` is about
+        self.nested = False  # it holds a list or dict: attempts get a deep copy
         self.store, self.clock, self.tracer = engine.store, engine.clock, engine.tracer
         self.span: Any = None  # the run's span, when tracing
         self.spans: dict[tuple[int, str, int], Any] = {}  # attempt -> its span
@@ -213,8 +216,11 @@ class _Run:
         # success is applied (sagaz.run: the same rule as over Kafka).
         rec = self.rec
         before = rec.data
-        ctx = _attempt_context(self.saga_id, self.saga.name, attempt_data(before),
-                               dict(rec.results))
+        if before is not self.scanned:  # merges replace the dict: scanned once per value
+            self.scanned, self.nested = before, has_containers(before)
+        ctx = _new_context(SagaContext)  # its data was validated: no SagaContext.__init__
+        ctx.saga_id, ctx.saga_name, ctx.results = self.saga_id, self.name, dict(rec.results)
+        ctx.data = attempt_data(before) if self.nested else dict(before)
         try:
             coro: Any = fn(ctx)  # type: ignore[misc]  # _prepare: actions exist
             yielded = coro.send(None)
@@ -281,14 +287,6 @@ class _Run:
                 not cancelled and policy.compensation_retry.retryable(exc)))
 
 
-def _attempt_context(saga_id: str, name: str, data: dict[str, Any],
-                     results: dict[str, Any]) -> SagaContext:
-    """A context for one attempt, without re-validating data that was validated already."""
-    ctx = _new_context(SagaContext)
-    ctx.saga_id, ctx.saga_name, ctx.data, ctx.results = saga_id, name, data, results
-    return ctx
-
-
 _new_context = object.__new__
 
 
@@ -344,9 +342,8 @@ class Engine:
             if owner != saga_id:
                 return _check(await self._existing(saga, idempotency_key, owner),
                               raise_on_failure)
-        rec, cmds = run_record.start(plan, saga_id, ctx.data, self.clock(),
-                                     confirms_cancel=True, idempotency_key=idempotency_key)
-        run = _Run(self, saga, plan, rec)
+        state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
+        run = _Run(self, saga, plan, Run(state, ctx.data, {}, idempotency_key))
         return _check(await self._track(saga_id, run, run.drive(cmds)), raise_on_failure)
 
     async def _claim(self, name: str, key: str, saga_id: str) -> str:

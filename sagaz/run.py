@@ -74,8 +74,8 @@ class Run:
                  "state", "trace", "version")
 
     def __init__(self, state: SagaState, data: dict[str, Any] | None = None,
-                 results: dict[str, Any] | None = None, *,
-                 idempotency_key: str | None = None, trace: dict[str, str] | None = None,
+                 results: dict[str, Any] | None = None, idempotency_key: str | None = None,
+                 *, trace: dict[str, str] | None = None,
                  inbox: list[str] | None = None, expires_at: float | None = None,
                  version: int = 1, fingerprint: str = "") -> None:
         self.state = state
@@ -114,6 +114,9 @@ def start(plan: Plan, saga_id: str, data: dict[str, Any], now: float, *,
 
 _StepSucceeded = m.StepSucceeded
 _CompensationSucceeded = m.CompensationSucceeded
+_RetryCompensations = m.RetryCompensations
+_TERMINAL = m.TERMINAL
+_HANDLERS = m._HANDLERS
 
 
 def apply(plan: Plan, run: Run, event: m.Event, now: float, event_id: str | None = None,
@@ -121,10 +124,15 @@ def apply(plan: Plan, run: Run, event: m.Event, now: float, event_id: str | None
     """Apply one event to the run: (applied, commands). See the module docstring."""
     if event_id is not None and event_id in run.inbox:
         return False, repeat(plan, run, event_id)
-    applied, cmds = m.transition(plan, run.state, event, now)
-    if not applied:
+    # machine.transition, inlined: this is the hot path of every event of every run
+    state, kind = run.state, type(event)
+    if state.status in _TERMINAL and kind is not _RetryCompensations:
+        return False, []
+    cmds: m.Commands = []
+    if not _HANDLERS[kind](plan, state, event, now, cmds):
         return False, cmds
-    kind = type(event)
+    state.updated_at = now
+    state.seq += 1
     if kind is _StepSucceeded:
         result, changed = event.result, event.changes  # type: ignore[union-attr]
         if result is not None:
@@ -165,6 +173,15 @@ def _deep(value: Any) -> Any:
 
 
 _CONTAINERS = (dict, list)
+
+
+def has_containers(data: dict[str, Any]) -> bool:
+    """Whether ``attempt_data`` must copy more than the dict (a shell may remember it for
+    a data dict: merges replace the dict, never change it)."""
+    for value in data.values():
+        if type(value) in _CONTAINERS:
+            return True
+    return False
 
 
 def attempt_data(data: dict[str, Any]) -> dict[str, Any]:
