@@ -219,7 +219,9 @@ class _Run:
         if before is not self.scanned:  # merges replace the dict: scanned once per value
             self.scanned, self.nested = before, has_containers(before)
         ctx = _new_context(SagaContext)  # its data was validated: no SagaContext.__init__
-        ctx.saga_id, ctx.saga_name, ctx.results = self.saga_id, self.name, dict(rec.results)
+        # results are shared, not copied: they change only when a success is applied, and a
+        # step reads them (writing ctx.results is not a way to change a run, in any shell)
+        ctx.saga_id, ctx.saga_name, ctx.results = self.saga_id, self.name, rec.results
         ctx.data = attempt_data(before) if self.nested else dict(before)
         try:
             coro: Any = fn(ctx)  # type: ignore[misc]  # _prepare: actions exist

@@ -65,6 +65,9 @@ class RunCodecError(SagazError, ValueError):
     """Bytes that are not a run record this version of sagaz can read."""
 
 
+_NO_IDS: tuple[str, ...] = ()
+
+
 class Run:
     """One saga run: machine state, data, results, and what identifies and dedupes it.
 
@@ -83,7 +86,9 @@ class Run:
         self.results: dict[str, Any] = results if results is not None else {}
         self.idempotency_key = idempotency_key
         self.trace = trace
-        self.inbox: list[str] = inbox if inbox is not None else []
+        # no list until an id is kept: in-process runs never dedupe by id (and many finished
+        # runs stay in memory)
+        self.inbox: list[str] = inbox if inbox is not None else _NO_IDS  # type: ignore[assignment]
         self.expires_at = expires_at
         self.version = version
         self.fingerprint = fingerprint
@@ -145,6 +150,8 @@ def apply(plan: Plan, run: Run, event: m.Event, now: float, event_id: str | None
             run.data = {**run.data, **changed}
     if event_id is not None:
         inbox = run.inbox
+        if inbox is _NO_IDS:
+            inbox = run.inbox = []
         inbox.append(event_id)
         if len(inbox) > inbox_size:
             del inbox[:-inbox_size]
