@@ -18,13 +18,13 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from sagaz.errors import mask_url, safe_cause, url_for_error
+from sagaz.errors import SagazError, mask_url, safe_cause, url_for_error
 
 if TYPE_CHECKING:
     from sagaz.security import KafkaSecurity
 
 
-class BrokerError(RuntimeError):
+class BrokerError(SagazError, RuntimeError):
     pass
 
 

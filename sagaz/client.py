@@ -33,7 +33,7 @@ from sagaz.definition import Saga
 from sagaz.messages import MAX_MESSAGE_BYTES
 from sagaz.metrics import ClientMetrics, shared
 from sagaz.security import KafkaSecurity, options, start_client
-from sagaz.topics import topic_partition
+from sagaz.topics import Topics, topic_partition
 from sagaz.tracing import current_trace_headers
 
 #: Bytes of a saga row that are not its data: state, step records, inbox of event ids.
@@ -69,6 +69,7 @@ class SagaClient:
         self.max_message_bytes = max_message_bytes
         self.security = security  # SASL/TLS of its Kafka clients; None: PLAINTEXT
         self.prefix = prefix
+        self.topics = Topics(prefix)  # checks the prefix
         self.url = url.rstrip("/") if url else None
         self.listen = listen
         self.keep_outcomes = keep_outcomes
@@ -101,7 +102,7 @@ class SagaClient:
                                          **options(self.security))
         await start_client(self.producer, self.bootstrap, self.security, what="saga client")
         if self.listen:
-            topic = f"{self.prefix}.outcomes"
+            topic = self.topics.outcomes
             self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
                                               enable_auto_commit=False,
                                               **options(self.security))
@@ -185,7 +186,7 @@ class SagaClient:
             else:
                 value = self._start_message(saga_id, trace or current_trace_headers(), name,
                                             data or {}, idempotency_key)
-                await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+                await self.producer.send_and_wait(self.topics.commands, value,
                                                   key=saga_id.encode())
         except Exception:
             self._count(name, "failed")
@@ -209,7 +210,7 @@ class SagaClient:
                               kind="PRODUCER") as span:
             value = self._start_message(saga_id, tracing.span_headers(span), name, data,
                                         idempotency_key)
-            await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+            await self.producer.send_and_wait(self.topics.commands, value,
                                               key=saga_id.encode())
         return saga_id
 
@@ -220,7 +221,7 @@ class SagaClient:
         for data in items:
             sid = uuid.uuid4().hex
             value = self._start_message(sid, None, name, data, None)
-            futures.append(await self.producer.send(f"{self.prefix}.commands", value,
+            futures.append(await self.producer.send(self.topics.commands, value,
                                                     key=sid.encode()))
             ids.append(sid)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
@@ -248,14 +249,14 @@ class SagaClient:
                      request_id: str | None = None) -> None:
         value = messages.encode("cancel", saga_id, reason=reason,
                                 request_id=request_id or uuid.uuid4().hex)
-        await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+        await self.producer.send_and_wait(self.topics.commands, value,
                                           key=saga_id.encode())
 
     async def retry_compensations(self, saga_id: str, request_id: str | None = None) -> None:
         """Operator action: retry the failed compensations of a FAILED saga."""
         value = messages.encode("retry", saga_id, request_id=request_id or uuid.uuid4().hex)
         self._outcomes.pop(saga_id, None)  # a new outcome will follow
-        await self.producer.send_and_wait(f"{self.prefix}.commands", value,
+        await self.producer.send_and_wait(self.topics.commands, value,
                                           key=saga_id.encode())
 
     async def wait(self, saga_id: str, timeout: float | None = None) -> dict[str, Any]:

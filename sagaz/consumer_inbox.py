@@ -26,12 +26,12 @@ from typing import Any
 
 import orjson
 
-from sagaz.errors import describe
+from sagaz.errors import SagazError, describe
 from sagaz.messages import dead_letter_headers
 from sagaz.metrics import InboxConsumerMetrics, InboxMetrics, shared
 from sagaz.security import KafkaSecurity, options, start_client
 from sagaz.storage import Handler, Storage, check_inbox_args
-from sagaz.topics import ensure_topics
+from sagaz.topics import ensure_topics, topic_name
 
 log = logging.getLogger("sagaz.consumer_inbox")
 
@@ -159,7 +159,7 @@ class InboxConsumer:
         self.handler = with_tx(handler)  # (payload) or (payload, tx), called as the latter
         self.group_id = group_id or consumer_name
         self.security = security  # SASL/TLS of its Kafka clients; None: PLAINTEXT
-        self.dead_letter_topic = dead_letter_topic or f"{consumer_name}.dead-letters"
+        self.dead_letter_topic = dead_letter_topic or topic_name(consumer_name, "dead-letters")
         self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
         self.handled = self.dead_lettered = 0
         self._stopping = asyncio.Event()
@@ -285,7 +285,7 @@ class InboxConsumer:
                     pass
 
 
-class _HandlerFailed(Exception):
+class _HandlerFailed(SagazError):
     """The handler itself raised (not an infrastructure error): counts as an attempt."""
 
 

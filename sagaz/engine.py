@@ -20,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 from sagaz import logs as _logs
 from sagaz import machine as m
-from sagaz.context import SagaContext, check_serialisable
+from sagaz import run as run_record
+from sagaz.context import SagaContext
 from sagaz.definition import Saga
 from sagaz.errors import (
     SagaAlreadyRunning,
@@ -35,6 +36,7 @@ from sagaz.errors import (
 )
 from sagaz.machine import Plan, SagaState
 from sagaz.result import SagaResult
+from sagaz.run import Run, attempt_data, changes, has_containers, refusal
 from sagaz.store import InMemorySagaStore, SagaRecord, SagaStore
 from sagaz.tracing import SagaTracer
 from sagaz.versions import Definitions
@@ -101,61 +103,59 @@ async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
 class _Run:
     """One saga run being driven. Not reusable."""
 
-    __slots__ = ("actions", "began", "clock", "ctx", "errors", "key", "loop", "metrics", "plan",
-                 "queue", "saga", "span", "spans", "state", "store", "tasks", "timers",
-                 "tracer", "waiter", "watchers")
+    __slots__ = ("actions", "began", "clock", "errors", "loop", "metrics", "name", "nested",
+                 "plan", "queue", "rec", "saga", "saga_id", "scanned", "span", "spans", "store",
+                 "tasks", "timers", "tracer", "waiter", "watchers")
 
-    def __init__(self, engine: Engine, saga: Saga, plan: Plan, ctx: SagaContext,
-                 key: str | None) -> None:
-        self.saga, self.plan, self.ctx, self.key = saga, plan, ctx, key
+    def __init__(self, engine: Engine, saga: Saga, plan: Plan, rec: Run) -> None:
+        self.saga, self.plan, self.rec, self.saga_id = saga, plan, rec, rec.saga_id
+        self.name = saga.name
+        self.scanned: dict[str, Any] | None = None  # the data dict ``nested`` is about
+        self.nested = False  # it holds a list or dict: attempts get a deep copy
         self.store, self.clock, self.tracer = engine.store, engine.clock, engine.tracer
         self.span: Any = None  # the run's span, when tracing
         self.spans: dict[tuple[int, str, int], Any] = {}  # attempt -> its span
         self.actions = saga.actions
         self.loop = asyncio.get_running_loop()
-        self.queue: deque[tuple[Any, Any]] = deque()
+        self.queue: deque[m.Event] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.tasks: dict[tuple[int, str, int], asyncio.Task[Any]] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.errors: dict[str, BaseException] = {}
         self.watchers: asyncio.Future[SagaResult] | None = None  # made when someone waits
         self.metrics = engine.metrics  # None: no metrics, and no cost but these checks
-        self.state: SagaState | None = None  # for metrics: in flight, timed-out attempts
         # attempt -> its perf_counter start, with metrics only
         self.began: dict[tuple[int, str, int], float] = {} if self.metrics is not None \
             else _NO_TIMES
 
     # -- the loop
 
-    async def drive(self, state: SagaState, cmds: list[Any]) -> SagaResult:
-        plan, queue, clock, store, ctx = self.plan, self.queue, self.clock, self.store, self.ctx
-        handle, execute, terminal = m.handle, self.execute, m.TERMINAL
+    async def drive(self, cmds: m.Commands) -> SagaResult:
+        rec, plan, queue, clock, store = self.rec, self.plan, self.queue, self.clock, self.store
+        state = rec.state
+        apply, execute, terminal = run_record.apply, self.execute, m.TERMINAL
         save_each = not store.keeps_live_state
+        key = rec.idempotency_key
         if self.tracer is not None:
             self.span = self.tracer.run_span(plan.name, state.saga_id)
         # log lines of this run carry its saga id (sagaz.logs; only when JSON logs want it)
         logged = _logs.bind(state.saga_id, trace=self.span) if _logs.wanted else None
-        self.state = state
         try:
-            await store.save(state, ctx, self.key)
+            await store.save(state, rec, key)
             execute(cmds)
             while state.status not in terminal:
                 if not queue:
                     self.waiter = self.loop.create_future()
                     await self.waiter
                     continue
-                event, result = queue.popleft()
-                seq = state.seq
-                _, cmds = handle(plan, state, event, clock())
-                if state.seq == seq:
+                applied, cmds = apply(plan, rec, queue.popleft(), clock())
+                if not applied:
                     continue  # stale or repeated: ignored by the machine
-                if result is not None:
-                    ctx.results[event.step] = result
                 if save_each:  # write-ahead: saved before its commands are carried out
-                    await store.save(state, ctx, self.key)
+                    await store.save(state, rec, key)
                 execute(cmds)
             if not save_each:
-                await store.save(state, ctx, self.key)
+                await store.save(state, rec, key)
             if self.metrics is not None:
                 self.metrics.ended(plan.name, state.status.value,
                                    None if state.ended_at is None
@@ -169,7 +169,7 @@ class _Run:
             if logged is not None:
                 _logs.unbind(logged)
         failed = state.failed_step
-        return SagaResult(plan, state, ctx.data, ctx.results,
+        return SagaResult(plan, state, rec.data, rec.results,
                           self.errors.get(failed) if failed else None)
 
     async def settle(self) -> None:
@@ -183,33 +183,36 @@ class _Run:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    def push(self, event: Any, result: Any = None) -> None:
-        self.queue.append((event, result))
+    def push(self, event: m.Event) -> None:
+        self.queue.append(event)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     # -- commands
 
-    def execute(self, cmds: list[Any]) -> None:
+    def execute(self, cmds: m.Commands) -> None:
         for cmd in cmds:
-            kind = type(cmd)
-            if kind is m.RunStep:
-                self.start(_RUN, cmd.step, cmd.attempt)
-            elif kind is m.RunCompensation:
-                self.start(_COMP, cmd.step, cmd.attempt)
-            elif kind is m.ScheduleTimer:
-                delay = max(0.0, cmd.due - self.clock())
-                self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
-            elif kind is m.CancelTimer:
-                handle = self.timers.pop(cmd.key, None)
-                if handle is not None:
-                    handle.cancel()
-            elif kind is m.CancelStep:
-                self.cancel(_RUN, cmd.step, cmd.attempt)
-            elif kind is m.CancelCompensation:
-                self.cancel(_COMP, cmd.step, cmd.attempt)
-            # Finish needs nothing: the loop ends on the terminal state.
+            match cmd:
+                case m.RunStep():
+                    self.start(_RUN, cmd.step, cmd.attempt)
+                case m.RunCompensation():
+                    self.start(_COMP, cmd.step, cmd.attempt)
+                case m.ScheduleTimer():
+                    delay = max(0.0, cmd.due - self.clock())
+                    self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
+                case m.CancelTimer():
+                    handle = self.timers.pop(cmd.key, None)
+                    if handle is not None:
+                        handle.cancel()
+                case m.CancelStep():
+                    self.cancel(_RUN, cmd.step, cmd.attempt)
+                case m.CancelCompensation():
+                    self.cancel(_COMP, cmd.step, cmd.attempt)
+                case m.Finish():
+                    pass  # nothing to do: the loop ends on the terminal state
+                case _:
+                    assert_never(cmd)
 
     def fire(self, key: str) -> None:
         self.timers.pop(key, None)
@@ -222,7 +225,7 @@ class _Run:
         else:
             # Nothing runs it here (it finished, and that outcome is queued ahead of this,
             # or the run was resumed in a new process): confirm the cancellation at once.
-            self.outcome(kind, step, attempt, None, asyncio.CancelledError())
+            self.outcome(kind, step, attempt, None, asyncio.CancelledError(), None, None)
 
     def start(self, kind: int, step: str, attempt: int) -> None:
         if self.metrics is not None:
@@ -232,60 +235,81 @@ class _Run:
         if self.tracer is not None:
             self.spans[(kind, step, attempt)] = self.tracer.attempt_span(
                 self.span, "step" if kind == _RUN else "compensate", step, attempt,
-                self.ctx.saga_id)
+                self.saga_id)
         fn = self.actions[step][kind]
+        # The attempt works on its own copy of the data: its writes count only once its
+        # success is applied (sagaz.run: the same rule as over Kafka).
+        rec = self.rec
+        before = rec.data
+        if before is not self.scanned:  # merges replace the dict: scanned once per value
+            self.scanned, self.nested = before, has_containers(before)
+        ctx = _new_context(SagaContext)  # its data was validated: no SagaContext.__init__
+        # results are shared, not copied: they change only when a success is applied, and a
+        # step reads them (writing ctx.results is not a way to change a run, in any shell)
+        ctx.saga_id, ctx.saga_name, ctx.results = self.saga_id, self.name, rec.results
+        ctx.data = attempt_data(before) if self.nested else dict(before)
         # The step's log lines carry its fields: bound while it starts, and in the task that
         # continues it (a task copies the context it is created in).
-        logged = _logs.bind(self.ctx.saga_id, step, m.command_id(
-            self.ctx.saga_id, step, attempt, "run" if kind == _RUN else "compensate"),
+        logged = _logs.bind(self.saga_id, step, m.command_id(
+            self.saga_id, step, attempt, "run" if kind == _RUN else "compensate"),
             self.spans.get((kind, step, attempt)) or self.span) if _logs.wanted else None
         try:
-            coro: Any = fn(self.ctx)  # type: ignore[misc]  # _prepare: actions exist
+            coro: Any = fn(ctx)  # type: ignore[misc]  # _prepare: actions exist
             yielded = coro.send(None)
         except StopIteration as stop:
-            self.outcome(kind, step, attempt, stop.value, None)
+            self.outcome(kind, step, attempt, stop.value, None, ctx, before)
             return
         except (Exception, asyncio.CancelledError) as exc:
             # Drop this frame from the traceback: it starts at the step, and the exception
             # kept in the result does not hold the run alive through a reference cycle.
             if exc.__traceback__ is not None:
                 exc.__traceback__ = exc.__traceback__.tb_next
-            self.outcome(kind, step, attempt, None, exc)
+            self.outcome(kind, step, attempt, None, exc, None, None)
             return
         else:
             task = self.loop.create_task(_continue(coro, yielded))
             self.tasks[(kind, step, attempt)] = task
-            task.add_done_callback(partial(self.task_done, kind, step, attempt))
+            task.add_done_callback(partial(self.task_done, kind, step, attempt, ctx, before))
         finally:
             if logged is not None:
                 _logs.unbind(logged)
 
-    def task_done(self, kind: int, step: str, attempt: int, task: asyncio.Task[Any]) -> None:
+    def task_done(self, kind: int, step: str, attempt: int, ctx: SagaContext,
+                  before: dict[str, Any], task: asyncio.Task[Any]) -> None:
         del self.tasks[(kind, step, attempt)]
         if task.cancelled():
-            self.outcome(kind, step, attempt, None, asyncio.CancelledError())
+            self.outcome(kind, step, attempt, None, asyncio.CancelledError(), None, None)
             return
         exc = task.exception()
-        self.outcome(kind, step, attempt, None if exc else task.result(), exc)
+        self.outcome(kind, step, attempt, None if exc else task.result(), exc, ctx, before)
 
     def outcome(self, kind: int, step: str, attempt: int, value: Any,
-                exc: BaseException | None) -> None:
+                exc: BaseException | None, ctx: SagaContext | None,
+                before: dict[str, Any] | None) -> None:
         if self.tracer is not None:
             span = self.spans.pop((kind, step, attempt), None)
             if span is not None:
                 self.tracer.end(span, None if exc is None else describe(exc))
-        if exc is None and kind == _RUN and type(value) not in _PLAIN:
-            try:
-                check_serialisable(f"result of step {step!r}", value)
-            except SagaContextError as bad:
-                exc = bad
         if self.metrics is not None:
             self.observe(kind, step, attempt, exc)
         if exc is None:
+            assert ctx is not None and before is not None
+            changed = changes(before, ctx.data)
             if kind == _RUN:
-                self.push(m.StepSucceeded(step, attempt), value)
-            else:
-                self.push(m.CompensationSucceeded(step, attempt))
+                if changed is not None or type(value) not in _PLAIN:
+                    reason = refusal(step, value, changed)
+                    if reason is not None:  # ran, outcome unusable: as over Kafka
+                        self.errors[step] = SagaContextError(reason)
+                        self.push(run_record.refused(step, attempt, reason))
+                        return
+                self.push(m.StepSucceeded(step, attempt, value, changed))
+                return
+            reason = refusal(step, None, changed) if changed is not None else None
+            if reason is None:
+                self.push(m.CompensationSucceeded(step, attempt, changed))
+                return
+            self.errors[step] = SagaContextError(reason)
+            self.push(m.CompensationFailed(step, attempt, reason, False))
             return
         self.errors[step] = exc
         cancelled = isinstance(exc, asyncio.CancelledError)
@@ -312,8 +336,7 @@ class _Run:
             outcome = "succeeded"
         elif isinstance(exc, asyncio.CancelledError):
             # The machine marks an attempt it cancels at its timeout until it has stopped.
-            timed_out = self.state is not None and self.state.steps[
-                self.plan.index[step]].timed_out
+            timed_out = self.rec.state.steps[self.plan.index[step]].timed_out
             outcome = "timed_out" if timed_out else "cancelled"
         else:
             outcome = "failed"
@@ -322,10 +345,13 @@ class _Run:
 
     def in_flight(self) -> tuple[str, m.SagaStatus, float] | None:
         """(saga, status, started_at) while the run is under way, for the gauges."""
-        state = self.state
-        if state is None or state.status in m.TERMINAL:
+        state = self.rec.state
+        if state.status in m.TERMINAL:
             return None
         return self.plan.name, state.status, state.started_at
+
+
+_new_context = object.__new__
 
 
 class Engine:
@@ -410,12 +436,12 @@ class Engine:
             if owner != saga_id:
                 return _check(await self._existing(saga, idempotency_key, owner),
                               raise_on_failure)
-        run = _Run(self, saga, plan, ctx, idempotency_key)
         state, cmds = m.start(plan, saga_id, self.clock(), confirms_cancel=True)
-        state.version, state.fingerprint = saga.version, saga.fingerprint  # kept in the store
+        run = _Run(self, saga, plan, Run(state, ctx.data, {}, idempotency_key,
+                                         version=saga.version, fingerprint=saga.fingerprint))
         if self.metrics is not None:
             self.metrics.started(saga.name)
-        return _check(await self._track(saga_id, run, run.drive(state, cmds)), raise_on_failure)
+        return _check(await self._track(saga_id, run, run.drive(cmds)), raise_on_failure)
 
     async def _claim(self, name: str, key: str, saga_id: str) -> str:
         scoped = (name, key)
@@ -450,37 +476,34 @@ class Engine:
         """
         if saga_id in self._inflight:
             return _check(await self._wait(self._inflight[saga_id]), raise_on_failure)
-        saga, record, state = await self._load(saga, saga_id)
-        return await self._continue(saga, record, state, m.resume(saga.plan, state),
+        saga, rec = await self._load(saga, saga_id)
+        return await self._continue(saga, rec, m.resume(saga.plan, rec.state),
                                     raise_on_failure)
 
     async def retry_compensations(self, saga: Saga | Iterable[Saga], saga_id: str, *,
                                   raise_on_failure: bool = False) -> SagaResult:
         """Operator action: give each failed compensation of a FAILED run one more attempt
         (on the run's own version, as ``resume``)."""
-        saga, record, state = await self._load(saga, saga_id)
+        saga, rec = await self._load(saga, saga_id)
+        state = rec.state
         if state.status is not m.SagaStatus.FAILED:
             raise ValueError(f"saga {saga_id!r} is {state.status.value}, not failed: only a "
                              f"failed saga's compensations can be retried")
         state.confirms_cancel = True
-        _, cmds = m.handle(saga.plan, state, m.RetryCompensations(), self.clock())
-        return await self._continue(saga, record, state, cmds, raise_on_failure)
+        _, cmds = run_record.apply(saga.plan, rec, m.RetryCompensations(), self.clock())
+        return await self._continue(saga, rec, cmds, raise_on_failure)
 
-    async def _load(self, sagas: Saga | Iterable[Saga],
-                    saga_id: str) -> tuple[Saga, SagaRecord, SagaState]:
-        """A stored run, the definition it continues on, and its machine state."""
+    async def _load(self, sagas: Saga | Iterable[Saga], saga_id: str) -> tuple[Saga, Run]:
+        """A stored run and the definition it continues on."""
         record = await self.store.load(saga_id)
         if record is None:
             raise KeyError(f"no saga {saga_id!r} in the store")
-        saga = _definition(sagas, record)
-        return saga, record, SagaState.from_dict(record.state)
+        return _definition(sagas, record), run_record.from_record(record)
 
-    async def _continue(self, saga: Saga, record: SagaRecord, state: SagaState,
-                        cmds: list[Any], raise_on_failure: bool) -> SagaResult:
-        ctx = SagaContext(state.saga_id, saga.name, record.data, record.results)
-        run = _Run(self, saga, saga.plan, ctx, record.idempotency_key)
-        return _check(await self._track(state.saga_id, run, run.drive(state, cmds)),
-                      raise_on_failure)
+    async def _continue(self, saga: Saga, rec: Run, cmds: m.Commands,
+                        raise_on_failure: bool) -> SagaResult:
+        run = _Run(self, saga, saga.plan, rec)
+        return _check(await self._track(rec.saga_id, run, run.drive(cmds)), raise_on_failure)
 
     async def _track(self, saga_id: str, run: _Run,
                      coro: Coroutine[Any, Any, SagaResult]) -> SagaResult:

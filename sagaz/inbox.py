@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
+from sagaz.errors import SagazError
 from sagaz.topics import topic_partition
 
 
@@ -48,7 +49,7 @@ class MemoryInbox:
             self._replies.popitem(last=False)
 
 
-class PartitionRevoked(RuntimeError):
+class PartitionRevoked(SagazError, RuntimeError):
     """The partition moved to another participant: its new owner answers the command."""
 
 

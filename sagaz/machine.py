@@ -29,9 +29,11 @@ longer armed, or anything after the end (but an operator's retry of a FAILED sag
 the transition returns the state unchanged and no commands. Duplicated, reordered and stale
 deliveries are therefore harmless.
 
-Saga status:
+Saga status (every transition, with its cause, is in ``SAGA_TRANSITIONS``; the invariant
+tests check that the code makes exactly these):
     RUNNING -> COMPLETED                         every step succeeded
     RUNNING -> ABORTING -> COMPENSATING -> COMPENSATED | FAILED
+                           COMPENSATING <- FAILED   (operator: RetryCompensations)
 ABORTING waits until no step attempt is running (per the failure strategy: cancel them,
 let them finish, or give them a grace period). COMPENSATING then undoes, in reverse
 topological order, every step that succeeded, every step with an abandoned attempt (below),
@@ -42,11 +44,28 @@ saga FAILED, which needs an operator; the steps it blocks stay uncompensated. Th
 operator's RetryCompensations (accepted only in FAILED) gives each failed compensation
 one more attempt; the blocked steps follow in order if it succeeds.
 
-Step status:
-    PENDING -> RUNNING -> SUCCEEDED -> COMPENSATING -> COMPENSATED | COMPENSATION_FAILED
-               RUNNING -> RETRYING -> RUNNING ...        (attempt + 1 after the backoff)
-               RUNNING -> FAILED | CANCELLING -> CANCELLED
-    PENDING -> SKIPPED                                   (never started, saga over)
+Step status: the happy path is PENDING -> RUNNING -> SUCCEEDED (-> COMPENSATING ->
+COMPENSATED when the saga aborts). Every transition, each with its cause, is in
+``STEP_TRANSITIONS``; this list is generated from it and the invariant tests check that
+the code makes exactly these (and that this list is the table):
+
+    PENDING               -> RUNNING | SKIPPED
+    RUNNING               -> SUCCEEDED | RUNNING | RETRYING | FAILED | CANCELLING | CANCELLED
+    RETRYING              -> RUNNING | CANCELLED
+    CANCELLING            -> SUCCEEDED | CANCELLED | RUNNING | RETRYING | FAILED
+    SUCCEEDED             -> COMPENSATING
+    FAILED                -> COMPENSATING
+    CANCELLED             -> COMPENSATING
+    COMPENSATING          -> COMPENSATED | COMPENSATING | COMPENSATION_RETRYING |
+                             COMPENSATION_FAILED
+    COMPENSATION_RETRYING -> COMPENSATING
+    COMPENSATION_FAILED   -> SUCCEEDED
+
+RUNNING -> RUNNING is a retry at once (attempt + 1); CANCELLING -> RUNNING | RETRYING |
+FAILED decide about a timed-out attempt once it stopped; FAILED | CANCELLED ->
+COMPENSATING undo an attempt that may have applied (abandoned, refused) or, with
+``compensate_started``, any started step; COMPENSATION_FAILED -> SUCCEEDED is the
+operator's RetryCompensations (the step is then undone again).
 
 Timeouts: when a step's (or compensation's) timer fires, its attempt is cancelled. If the
 shell confirms cancellations (``start(..., confirms_cancel=True)``: the in-process engine
@@ -135,6 +154,54 @@ _IN_FLIGHT = frozenset({_RUNNING, _CANCELLING, _RETRYING})
 _STARTED = frozenset({_FAILED, _CANCELLED})  # started, did not succeed
 _COMP_ACTIVE = frozenset({_COMPENSATING, _COMP_RETRYING})
 _COMP_SETTLED = frozenset({_COMPENSATED, _COMP_FAILED})
+
+# --------------------------------------------------------------------------- transitions
+# The documentation of every status change the machine makes, as h11 documents its states:
+# tests/unit/test_invariants.py records each status assignment the code makes on random
+# runs and checks that the set is exactly the keys of these tables.
+
+STEP_TRANSITIONS: dict[tuple[StepStatus, StepStatus], str] = {
+    (S.PENDING, S.RUNNING): "its dependencies succeeded (or it has none): attempt 1",
+    (S.PENDING, S.SKIPPED): "the saga ended before it started",
+    (S.RUNNING, S.SUCCEEDED): "StepSucceeded for the current attempt",
+    (S.RUNNING, S.RUNNING): "the attempt failed, retryable, no backoff: attempt + 1 at once",
+    (S.RUNNING, S.RETRYING): "the attempt failed, retryable: attempt + 1 after the backoff",
+    (S.RUNNING, S.FAILED): "the attempt failed for good (or its retries are used up)",
+    (S.RUNNING, S.CANCELLING): "abort cancels it, or its timeout fires and the shell "
+                               "confirms cancellations",
+    (S.RUNNING, S.CANCELLED): "StepCancelled for the current attempt (it was cancelled "
+                              "by something else than the machine)",
+    (S.RETRYING, S.RUNNING): "its retry timer fired: the next attempt",
+    (S.RETRYING, S.CANCELLED): "abort while it waits for a retry: no new attempt",
+    (S.CANCELLING, S.SUCCEEDED): "the attempt finished before the cancel reached it",
+    (S.CANCELLING, S.CANCELLED): "the attempt stopped (cancelled by an abort, or a remote "
+                                 "one abandoned at its timeout)",
+    (S.CANCELLING, S.RUNNING): "the timed-out attempt stopped; retried at once",
+    (S.CANCELLING, S.RETRYING): "the timed-out attempt stopped; retried after the backoff",
+    (S.CANCELLING, S.FAILED): "the timed-out attempt stopped; no retry left",
+    (S.SUCCEEDED, S.COMPENSATING): "the saga compensates: its dependents are undone",
+    (S.FAILED, S.COMPENSATING): "compensated too: an abandoned or refused attempt may have "
+                                "applied, or compensate_started",
+    (S.CANCELLED, S.COMPENSATING): "as FAILED -> COMPENSATING",
+    (S.COMPENSATING, S.COMPENSATED): "CompensationSucceeded",
+    (S.COMPENSATING, S.COMPENSATING): "the compensation failed, retryable, no backoff",
+    (S.COMPENSATING, S.COMPENSATION_RETRYING): "the compensation failed, retryable: after "
+                                               "the backoff",
+    (S.COMPENSATING, S.COMPENSATION_FAILED): "the compensation failed for good: saga FAILED",
+    (S.COMPENSATION_RETRYING, S.COMPENSATING): "its retry timer fired",
+    (S.COMPENSATION_FAILED, S.SUCCEEDED): "operator's RetryCompensations: to be undone again "
+                                          "(at once, or once what blocks it is undone)",
+}
+
+SAGA_TRANSITIONS: dict[tuple[SagaStatus, SagaStatus], str] = {
+    (SagaStatus.RUNNING, SagaStatus.COMPLETED): "every step succeeded",
+    (SagaStatus.RUNNING, SagaStatus.ABORTING): "a step failed for good, the deadline "
+                                               "passed, or CancelRequested",
+    (SagaStatus.ABORTING, SagaStatus.COMPENSATING): "no step attempt is in flight any more",
+    (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED): "every compensation succeeded",
+    (SagaStatus.COMPENSATING, SagaStatus.FAILED): "a compensation failed for good",
+    (SagaStatus.FAILED, SagaStatus.COMPENSATING): "operator's RetryCompensations",
+}
 
 # --------------------------------------------------------------------------- plan
 
@@ -232,6 +299,10 @@ class Plan:
 class StepSucceeded(NamedTuple):
     step: str
     attempt: int
+    #: the step's return value and the context keys it set (``sagaz.run.changes``): the
+    #: machine ignores both; ``sagaz.run.apply`` keeps them when the event is applied
+    result: Any = None
+    changes: dict[str, Any] | None = None
 
 
 class StepFailed(NamedTuple):
@@ -252,6 +323,7 @@ class StepCancelled(NamedTuple):
 class CompensationSucceeded(NamedTuple):
     step: str
     attempt: int
+    changes: dict[str, Any] | None = None  # context keys it set; see StepSucceeded
 
 
 class CompensationFailed(NamedTuple):
@@ -436,7 +508,7 @@ class SagaState:
 
 # --------------------------------------------------------------------------- transitions
 
-Commands = list[Any]
+Commands = list[Command]
 
 
 def start(plan: Plan, saga_id: str, now: float, *,
@@ -458,15 +530,24 @@ def start(plan: Plan, saga_id: str, now: float, *,
     return state, cmds
 
 
-def handle(plan: Plan, state: SagaState, event: Event, now: float) -> tuple[SagaState, Commands]:
-    """Apply one event. Stale, repeated and late events return no commands."""
+def transition(plan: Plan, state: SagaState, event: Event,
+               now: float) -> tuple[bool, Commands]:
+    """Apply one event: (applied, commands). An ignored event (stale, repeated, late)
+    returns (False, []) and leaves the state untouched; the shells need no other test."""
     if state.status in TERMINAL and type(event) is not RetryCompensations:
-        return state, []
+        return False, []
     cmds: Commands = []
     if _HANDLERS[type(event)](plan, state, event, now, cmds):
         state.updated_at = now
         state.seq += 1
-    return state, cmds
+        return True, cmds
+    return False, cmds
+
+
+def handle(plan: Plan, state: SagaState, event: Event, now: float) -> tuple[SagaState, Commands]:
+    """Apply one event (``transition``, returning the state). Stale, repeated and late
+    events return no commands."""
+    return state, transition(plan, state, event, now)[1]
 
 
 def resume(plan: Plan, state: SagaState) -> Commands:

@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from sagaz.errors import SagazError
+
 VERSION = 1
 
 #: Default cap on one saga row or message, in bytes: under the Kafka producer's default
@@ -45,7 +47,7 @@ def clip(text: str, limit: int) -> str:
     return text[:kept] + f"... [{len(text) - kept} more characters cut]"
 
 
-class MessageError(ValueError):
+class MessageError(SagazError, ValueError):
     """A message that cannot be processed; the text is the dead-letter reason, ``kind`` its
     class for metrics (malformed, oversized, unknown_saga, no_saga: a small fixed set)."""
 

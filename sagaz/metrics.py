@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
 
+from sagaz.errors import SagazError
+
 log = logging.getLogger("sagaz.metrics")
 T = TypeVar("T")
 
@@ -503,7 +505,7 @@ def _items(fn: Callable[[], dict[Any, Any]], single: bool = False) -> Callable[[
     return samples
 
 
-class _Gone(Exception):
+class _Gone(SagazError):
     """A source whose object is gone: dropped from its Computed."""
 
 

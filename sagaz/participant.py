@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 
 from sagaz import logs, messages
+from sagaz import run as run_record
 from sagaz.context import SagaContext
 from sagaz.definition import Saga, Step
 from sagaz.errors import SagazError, describe
@@ -54,7 +55,7 @@ from sagaz.inbox import ChangelogInbox, Inbox, PartitionRevoked
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 from sagaz.metrics import ParticipantMetrics, shared
 from sagaz.security import KafkaSecurity, options, start_client
-from sagaz.topics import ensure_topics, producer_stopped
+from sagaz.topics import ensure_topics, producer_stopped, topic_name
 from sagaz.versions import Definitions
 
 log = logging.getLogger("sagaz.participant")
@@ -106,10 +107,10 @@ class Participant:
         self.bootstrap = bootstrap
         self.security = security
         self.prefix = prefix
-        self.topic = f"{prefix}.participant.{service}"
-        self.results_topic = f"{prefix}.results"
-        self.dead_letters = f"{prefix}.dead-letters"
-        self.inbox_topic = f"{self.topic}.inbox"
+        self.topic = topic_name(prefix, "participant", service)
+        self.results_topic = topic_name(prefix, "results")
+        self.dead_letters = topic_name(prefix, "dead-letters")
+        self.inbox_topic = topic_name(prefix, "participant-inbox", service)
         self.inbox = inbox
         self.datadir = datadir
         self.max_batch, self.concurrency = max_batch, concurrency
@@ -253,7 +254,7 @@ class Participant:
             **options(self.security))
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
-            group_id=f"{self.prefix}.participant.{self.service}",
+            group_id=self.topic,  # the group is named like its topic
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=self.max_batch, **options(self.security))
         what = f"participant {self.service!r}"
@@ -636,8 +637,10 @@ class Participant:
             policy = step.retry if action == "run" else step.compensation_retry
             timeout = step.timeout if action == "run" else step.compensation_timeout
             ctx = SagaContext(msg["saga_id"], msg["saga"])
-            ctx.data, ctx.results = msg["data"], msg["results"]  # came as JSON: valid
-            before = dict(ctx.data)
+            # came as JSON: valid. The step works on a copy (sagaz.run: the same rule as
+            # in-process), so its writes, also in place, are found by comparing.
+            before = msg["data"]
+            ctx.data, ctx.results = run_record.attempt_data(before), msg["results"]
             deadline = asyncio.timeout(timeout)
             t0 = time.perf_counter()
             try:
@@ -659,16 +662,17 @@ class Participant:
                 error, retryable = describe(exc), policy.retryable(exc)
             elapsed = time.perf_counter() - t0
             if ok:
-                changed = {k: v for k, v in ctx.data.items()
-                           if k not in before or before[k] != v}
-                try:
-                    orjson.dumps([result, changed])
-                except TypeError as exc:
+                if action != "run":
+                    result = None  # a compensation's return value is not used
+                changed = run_record.changes(before, ctx.data) or {}
+                refused = run_record.refusal(step.name, result, changed)
+                if refused is not None:  # not retryable; a step ran: compensate it
                     ok, result, changed, applied = False, None, {}, action == "run"
-                    error = f"result of step {step.name!r} is not serialisable: {exc}"
+                    error = refused
         reply = self._reply(msg, ok, result, error, retryable, changed, applied, elapsed)
         if len(reply) > self.max_message_bytes and ok and action == "compensate":
-            # a compensation's result is not used: it succeeded, say so without it
+            # it undid its step: say so without the writes that do not fit (they are lost,
+            # which is better than a saga FAILED over a note a compensation made)
             reply = self._reply(msg, True, None, None, False, {}, elapsed=elapsed)
         if len(reply) > self.max_message_bytes:
             ok = False

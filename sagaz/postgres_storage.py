@@ -29,7 +29,6 @@ from typing import Any
 
 import orjson
 
-from sagaz.context import SagaContext
 from sagaz.errors import SagaAlreadyRunning
 from sagaz.machine import SagaState
 from sagaz.storage import (
@@ -40,7 +39,7 @@ from sagaz.storage import (
     check_inbox_args,
     prepare_event,
 )
-from sagaz.store import SagaRecord
+from sagaz.store import RunData, SagaRecord
 
 
 async def init_connection(conn: Any) -> None:
@@ -304,7 +303,7 @@ class PostgresSagaStore:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
 
-    async def save(self, state: SagaState, context: SagaContext,
+    async def save(self, state: SagaState, context: RunData,
                    idempotency_key: str | None) -> None:
         import asyncpg
 

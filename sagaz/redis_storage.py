@@ -48,7 +48,6 @@ from typing import Any
 
 import orjson
 
-from sagaz.context import SagaContext
 from sagaz.errors import SagaAlreadyRunning
 from sagaz.machine import SagaState
 from sagaz.storage import (
@@ -59,7 +58,7 @@ from sagaz.storage import (
     check_inbox_args,
     prepare_event,
 )
-from sagaz.store import SagaRecord
+from sagaz.store import RunData, SagaRecord
 
 
 def _client(url_or_client: Any) -> Any:
@@ -418,7 +417,7 @@ class RedisSagaStore:
     def _key(self, name: str, idempotency_key: str) -> str:
         return f"{self.prefix}:sagakey:{len(name)}:{name}:{idempotency_key}"
 
-    async def save(self, state: SagaState, context: SagaContext,
+    async def save(self, state: SagaState, context: RunData,
                    idempotency_key: str | None) -> None:
         p, sid = self.prefix, state.saga_id
         fields = ["name", state.name, "status", state.status.value,

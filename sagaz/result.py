@@ -67,11 +67,11 @@ class SagaResult:
                 if r.status is StepStatus.COMPENSATION_FAILED and r.compensation_error}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"saga_id": self.saga_id, "name": self.name, "status": self.status.value,
-                "error": self.error, "failed_step": self.failed_step,
-                "context": self.context, "results": self.results,
-                "steps": {n: r._asdict() for n, r in self.steps.items()},
-                "started_at": self.started_at, "ended_at": self.ended_at}
+        """The run's JSON: ``sagaz.run.view``, the same keys as the stores' records, the
+        orchestrator's web views and the CLI (``saga``, ``data``, ``steps`` as a list)."""
+        from sagaz.run import Run, view
+
+        return view(Run(self._state, self.context, self.results), self._plan)
 
     def __repr__(self) -> str:
         return (f"SagaResult(saga_id={self.saga_id!r}, name={self.name!r}, "

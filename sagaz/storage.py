@@ -48,18 +48,18 @@ from typing import Any, Protocol
 
 import orjson
 
-from sagaz.errors import mask_url, safe_cause, url_for_error
+from sagaz.errors import SagazError, mask_url, safe_cause, url_for_error
 from sagaz.inbox import Inbox
 from sagaz.store import SagaStore
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
-class StorageError(RuntimeError):
+class StorageError(SagazError, RuntimeError):
     """The storage named by a URL cannot be reached; the message names the URL, masked."""
 
 
-class OutboxError(ValueError):
+class OutboxError(SagazError, ValueError):
     """An event that cannot go into the outbox; the message says why."""
 
 

@@ -21,16 +21,31 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sagaz.context import SagaContext
 from sagaz.errors import SagaAlreadyRunning
-from sagaz.machine import SagaState
+from sagaz.machine import Plan, SagaState
+
+if TYPE_CHECKING:
+    from sagaz.run import Run
+
+
+class RunData(Protocol):
+    """What a store saves besides the state: a run's data and step results (a
+    ``sagaz.run.Run``, or a ``SagaContext``)."""
+
+    @property
+    def data(self) -> dict[str, Any]: ...
+
+    @property
+    def results(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class SagaRecord:
-    """A snapshot of one run: machine state (``SagaState.to_dict()``) and context."""
+    """A snapshot of one run as a store keeps it: machine state (``SagaState.to_dict()``),
+    data, results and key. ``to_run()`` is the run record (``sagaz.run``); ``view()`` its
+    JSON, the same as every other view of a run."""
 
     saga_id: str
     name: str
@@ -54,13 +69,24 @@ class SagaRecord:
         versions (nothing to compare: it continues on version 1 as defined now)."""
         return str(self.state.get("fingerprint", ""))
 
+    def to_run(self) -> Run:
+        from sagaz.run import from_record
+
+        return from_record(self)
+
+    def view(self, plan: Plan | None = None) -> dict[str, Any]:
+        """The run's JSON (``sagaz.run.view``); step names from ``plan`` when given."""
+        from sagaz.run import view
+
+        return view(self.to_run(), plan)
+
 
 class SagaStore(Protocol):
     #: True when the store keeps references to the live state and context (in-memory):
     #: the engine then saves only when a run starts and when it ends.
     keeps_live_state: bool
 
-    async def save(self, state: SagaState, context: SagaContext,
+    async def save(self, state: SagaState, context: RunData,
                    idempotency_key: str | None) -> None:
         """Write a snapshot. With a key, first check that (state.name, key) is bound to this
         run (``SagaAlreadyRunning`` if another run took it over) and bind it for good."""
@@ -87,12 +113,12 @@ class InMemorySagaStore:
         if isinstance(max_finished, bool) or not isinstance(max_finished, int) or max_finished < 0:
             raise ValueError(f"max_finished must be an int >= 0, got {max_finished!r}")
         self.max_finished = max_finished
-        self._runs: dict[str, tuple[SagaState, SagaContext, str | None]] = {}
+        self._runs: dict[str, tuple[SagaState, RunData, str | None]] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         # (name, key) -> (saga id, monotonic expiry of the claim; None once saved)
         self._keys: dict[tuple[str, str], tuple[str, float | None]] = {}
 
-    async def save(self, state: SagaState, context: SagaContext,
+    async def save(self, state: SagaState, context: RunData,
                    idempotency_key: str | None) -> None:
         sid = state.saga_id
         if idempotency_key is not None:

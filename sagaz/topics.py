@@ -11,7 +11,67 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from sagaz.errors import SagazError
 from sagaz.security import KafkaSecurity, options, start_client
+
+#: Every kind of topic sagaz uses, and how its name is made ({p}: the deployment's
+#: prefix, {s}: a service). ``topic_name`` is the only place names are built.
+TOPIC_KINDS: dict[str, str] = {
+    "commands": "{p}.commands",  # start, cancel, retry: clients -> orchestrator
+    "results": "{p}.results",  # step results: participants -> orchestrator
+    "timers": "{p}.timers",  # timer events: orchestrator -> itself
+    "outcomes": "{p}.outcomes",  # saga ends: orchestrator -> clients
+    "dead-letters": "{p}.dead-letters",  # inputs that cannot be processed, with the reason
+    "participant": "{p}.participant.{s}",  # commands of one service (also its group id)
+    "participant-inbox": "{p}.participant.{s}.inbox",  # its replies, compacted
+    "orchestrator": "{p}-orchestrator",  # the Faust app id (group id, changelog prefix)
+    "changelog": "{p}-orchestrator-sagas-changelog",  # the saga table's changelog
+}
+
+
+def topic_name(prefix: str, kind: str, service: str | None = None) -> str:
+    """The name of a topic of the deployment ``prefix``: see ``TOPIC_KINDS``."""
+    pattern = TOPIC_KINDS.get(kind)
+    if pattern is None:
+        raise ValueError(f"unknown topic kind {kind!r}; one of {sorted(TOPIC_KINDS)}")
+    if not prefix or not all(c.isalnum() or c in "._-" for c in prefix):
+        raise ValueError(f"topic prefix must be non-empty [A-Za-z0-9._-], got {prefix!r}")
+    if ("{s}" in pattern) != (service is not None):
+        raise ValueError(f"topic kind {kind!r} " + ("needs a service" if service is None
+                                                    else "takes no service"))
+    if service is not None and (not service or not all(c.isalnum() or c in "._-"
+                                                       for c in service)):
+        raise ValueError(f"service must be non-empty [A-Za-z0-9._-], got {service!r}")
+    return pattern.format(p=prefix, s=service)
+
+
+class Topics:
+    """Topic names of one sagaz deployment, all derived from a prefix by ``topic_name``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.commands = topic_name(prefix, "commands")
+        self.results = topic_name(prefix, "results")
+        self.timers = topic_name(prefix, "timers")
+        self.outcomes = topic_name(prefix, "outcomes")
+        self.dead_letters = topic_name(prefix, "dead-letters")
+        self.changelog = topic_name(prefix, "changelog")
+        self.orchestrator = topic_name(prefix, "orchestrator")
+        self._participants: dict[str, str] = {}
+
+    @property
+    def inputs(self) -> tuple[str, str, str]:
+        return (self.commands, self.results, self.timers)
+
+    def participant(self, service: str) -> str:
+        name = self._participants.get(service)  # per command sent: built once per service
+        if name is None:
+            name = self._participants[service] = topic_name(self.prefix, "participant",
+                                                            service)
+        return name
+
+    def participant_inbox(self, service: str) -> str:
+        return topic_name(self.prefix, "participant-inbox", service)
 
 
 def topic_partition(topic: str, partition: int) -> Any:
@@ -30,7 +90,7 @@ def producer_stopped(producer: Any) -> bool:
     return bool(getattr(producer, "_closed", False)) or (sender is not None and sender.done())
 
 
-class TopicMismatch(RuntimeError):
+class TopicMismatch(SagazError, RuntimeError):
     """An existing topic has a partition count other than the one required."""
 
 

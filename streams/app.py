@@ -52,8 +52,9 @@ from faust.streams import _current_event
 from prometheus_client import CollectorRegistry
 
 from sagaz import logs, messages
+from sagaz import run as run_record
 from sagaz.definition import Saga
-from sagaz.errors import describe
+from sagaz.errors import SagazError, describe
 from sagaz.messages import MAX_ERROR_CHARS, clip
 from sagaz.metrics import InFlight, RunMetrics, StreamMetrics, Transition
 from sagaz.topics import ensure_topics, producer_stopped
@@ -133,7 +134,7 @@ class _SagaTable(faust.Table):
         super().apply_changelog_batch(kept)
 
 
-class DeadLetterFailed(RuntimeError):
+class DeadLetterFailed(SagazError, RuntimeError):
     """The dead-letter copy of an input could not be written."""
 
 
@@ -212,7 +213,7 @@ class OrchestratorApp:
         self._counts: dict[str, int] = {}  # partition counts of the output topics
         n = settings.partitions
         self.app = app = faust.App(
-            f"{settings.prefix}-orchestrator",
+            self.topics.orchestrator,
             broker=f"kafka://{settings.bootstrap}",
             store="rocksdb://",
             datadir=str(settings.tabledir),
@@ -271,7 +272,7 @@ class OrchestratorApp:
 
     @property
     def changelog_topic(self) -> str:
-        return f"{self.app.conf.id}-sagas-changelog"
+        return self.topics.changelog
 
     # -- start-up checks
 
@@ -801,15 +802,15 @@ class OrchestratorApp:
         t0 = time.perf_counter()
         waiting: dict[tuple[str, int], int] = {}
         for key, row in self.table.items():
-            doc = orjson.loads(row)
-            state = doc["state"]
-            self.in_flight.update(state["id"], doc["saga"], state["status"],
-                                  state["started_at"])
-            timers = armed_timers(doc, now + EXPIRY_HORIZON)
+            rec = run_record.decode(row)
+            state = rec.state
+            self.in_flight.update(state.saga_id, state.name, state.status.value,
+                                  state.started_at)
+            timers = armed_timers(rec, now + EXPIRY_HORIZON)
             if timers:
                 self.timers.arm(key.decode(), timers)
                 count += 1
-            missing = self.orchestrator.waiting(row)
+            missing = self.orchestrator.waiting(rec)
             if missing is not None:
                 waiting[missing] = waiting.get(missing, 0) + 1
         self._set_waiting(waiting)

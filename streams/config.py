@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sagaz.definition import Saga
-from sagaz.errors import SagaDefinitionError, mask_url
+from sagaz.errors import SagaDefinitionError, SagazError, mask_url
 from sagaz.messages import MAX_MESSAGE_BYTES
 from sagaz.security import KafkaSecurity, KafkaSecurityError
 
 
-class ConfigError(ValueError):
+class ConfigError(SagazError, ValueError):
     """A setting is missing or wrong; the message names it."""
 
 

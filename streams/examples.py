@@ -12,11 +12,12 @@ import asyncio
 from collections import Counter
 
 from sagaz import Retry, Saga, SagaContext
+from sagaz.errors import SagazError
 
 LEDGER: Counter[tuple[str, str]] = Counter()  # (effect, order id) -> times applied
 
 
-class PaymentDeclined(Exception):
+class PaymentDeclined(SagazError):
     pass
 
 

@@ -52,43 +52,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, assert_never
 
 import orjson
 
 from sagaz import machine as m
 from sagaz import messages
+from sagaz import run as run_record
 from sagaz.definition import Saga
-from sagaz.machine import Plan, SagaState
+from sagaz.machine import Plan
 from sagaz.messages import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, MessageError, clip
 from sagaz.metrics import Transition
+from sagaz.topics import Topics
 from sagaz.versions import Definitions, DefinitionUnavailable
 
 log = logging.getLogger("sagaz.streams")
-ROW_VERSION = 1
+
+ROW_VERSION = run_record.CODEC_VERSION  # rows are sagaz.run records
 EXPIRE = "sagaz:expire"  # timer key of a finished saga's retention; not a machine timer
 EXPIRY_HORIZON = 3600.0  # seconds ahead that expiry timers are armed in the index
-
-
-class Topics:
-    """Topic names of one sagaz deployment, all derived from a prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        if not prefix or not all(c.isalnum() or c in "._-" for c in prefix):
-            raise ValueError(f"topic prefix must be non-empty [A-Za-z0-9._-], got {prefix!r}")
-        self.prefix = prefix
-        self.commands = f"{prefix}.commands"
-        self.results = f"{prefix}.results"
-        self.timers = f"{prefix}.timers"
-        self.outcomes = f"{prefix}.outcomes"
-        self.dead_letters = f"{prefix}.dead-letters"
-
-    @property
-    def inputs(self) -> tuple[str, str, str]:
-        return (self.commands, self.results, self.timers)
-
-    def participant(self, service: str) -> str:
-        return f"{self.prefix}.participant.{service}"
+__all__ = ["EXPIRE", "EXPIRY_HORIZON", "Orchestrator", "Output", "Topics", "armed_timers",
+           "row_seq"]
 
 
 class Output(NamedTuple):
@@ -140,47 +124,40 @@ class Orchestrator:
         self._expect = {getattr(topics, k): v for k, v in _EXPECT.items()}
 
     def view(self, row: bytes) -> dict[str, Any]:
-        """The JSON a web view returns for a saga row."""
-        doc = orjson.loads(row)
-        state = SagaState.from_dict(doc["state"])
-        saga = self.definitions.get(doc["saga"], doc.get("version", 1))
-        names = [sp.name for sp in saga.plan.steps] if saga is not None and len(
-            saga.plan.steps) == len(state.steps) else [f"#{i}" for i in range(len(state.steps))]
-        return {"saga_id": state.saga_id, "saga": doc["saga"], "status": state.status.value,
-                "error": state.failure, "failed_step": state.failed_step,
-                "started_at": state.started_at, "updated_at": state.updated_at,
-                "ended_at": state.ended_at, "expires_at": doc.get("expires_at"),
-                "idempotency_key": doc["key"], "version": doc.get("version", 1),
-                "fingerprint": doc.get("fingerprint", ""),
-                "data": doc["data"], "results": doc["results"],
-                "steps": [step_view(n, st) for n, st in zip(names, state.steps, strict=True)]}
+        """The JSON a web view returns for a saga row (``sagaz.run.view``)."""
+        rec = run_record.decode(row)
+        saga = self.definitions.get(rec.name, rec.version)
+        return run_record.view(rec, saga.plan if saga is not None else None)
 
     def participants(self) -> set[str]:
         return {participant_of(s, n) for s in self.definitions for n in s.steps}
 
-    def definition(self, doc: dict[str, Any]) -> tuple[Saga, Plan]:
-        """The definition a row continues on: its own version (``sagaz.versions``), or
+    def definition(self, rec: run_record.Run) -> tuple[Saga, Plan]:
+        """The definition a run continues on: its own version (``sagaz.versions``), or
         DefinitionUnavailable (the input waits). A compatible change without a version bump
         is logged once and kept in ``changed``."""
-        version, recorded = doc.get("version"), doc.get("fingerprint") or ""
-        resolved = self.definitions.resolve(doc["saga"], version, recorded, doc["state"])
+        name, version, recorded = rec.name, rec.version, rec.fingerprint
+        saga = self.definitions.get(name, version)
+        if saga is not None and (not recorded or recorded == saga.fingerprint):
+            return saga, saga.plan  # the common case, without the state's dict
+        resolved = self.definitions.resolve(name, version, recorded, rec.state.to_dict())
         saga = resolved.saga
-        if resolved.changed and (doc["saga"], saga.version, recorded) not in self.changed:
-            self.changed[(doc["saga"], saga.version, recorded)] = saga.fingerprint
+        if resolved.changed and (name, saga.version, recorded) not in self.changed:
+            self.changed[(name, saga.version, recorded)] = saga.fingerprint
             log.warning("saga %r version %d changed without a version bump (rows started on "
                         "fingerprint %s, this worker has %s); runs that have not reached a "
                         "changed step continue on this definition, the others wait",
                         saga.name, saga.version, recorded, saga.fingerprint)
         return saga, saga.plan
 
-    def waiting(self, row: bytes) -> tuple[str, int] | None:
+    def waiting(self, row: bytes | run_record.Run) -> tuple[str, int] | None:
         """(saga, version) when this row is a run that cannot continue here: unfinished, and
         its definition is not on this worker. None otherwise."""
-        doc = orjson.loads(row)
-        if doc["state"]["status"] in _ENDED:
+        rec = run_record.decode(row) if isinstance(row, bytes) else row
+        if rec.state.terminal:
             return None
         try:
-            self.definition(doc)
+            self.definition(rec)
         except DefinitionUnavailable as exc:
             return exc.name, exc.version
         return None
@@ -208,18 +185,17 @@ class Orchestrator:
 
     def _start(self, msg: dict[str, Any], row: bytes | None, now: float) -> Output:
         if row is not None:  # idempotent start: same saga id, same saga
-            return self._repeat(orjson.loads(row), "start")
+            return self._repeat(run_record.decode(row), "start")
         entry = self.sagas.get(msg["saga"])
         if entry is None:
             raise MessageError(f"unknown saga definition {msg['saga']!r}; this worker has "
                                f"{sorted(self.sagas)}", "unknown_saga")
         saga, plan = entry  # the newest version
-        state, cmds = m.start(plan, msg["saga_id"], now)
-        doc = {"v": ROW_VERSION, "saga": saga.name, "state": None, "data": msg["data"],
-               "results": {}, "inbox": ["start"], "key": msg["idempotency_key"],
-               "trace": msg.get("trace"), "version": saga.version,
-               "fingerprint": saga.fingerprint}
-        out = self._commit(saga, plan, doc, state, cmds, None)
+        rec, cmds = run_record.start(plan, msg["saga_id"], msg["data"], now,
+                                     idempotency_key=msg["idempotency_key"],
+                                     trace=msg.get("trace"), event_id="start",
+                                     version=saga.version, fingerprint=saga.fingerprint)
+        out = self._commit(saga, plan, rec, cmds, None)
         too_big = self._oversize(out)
         if too_big:
             raise MessageError(f"start of saga {msg['saga_id']!r} ({saga.name}) refused: "
@@ -228,36 +204,32 @@ class Orchestrator:
         return out
 
     def _event(self, msg: dict[str, Any], row: bytes, now: float) -> Output:
-        doc = orjson.loads(row)
+        rec = run_record.decode(row)
         if msg["type"] == "timer":  # expiry needs no definition: a finished run's is gone
-            early = self._early_timer(msg["key"], doc, now)
+            early = self._early_timer(msg["key"], rec, now)
             if early is not None:
                 return early
             if msg["key"] == EXPIRE:
                 return Output(None, [], [], None, delete=True)
-        status = doc["state"]["status"]
-        if status in _ENDED and msg["type"] != "retry" and self.definitions.get(
-                doc["saga"], doc.get("version", 1)) is None:
+        if rec.state.terminal and msg["type"] != "retry" and self.definitions.get(
+                rec.name, rec.version) is None:
             # A finished run of a version no longer here: nothing can change it (but an
             # operator's retry, which waits for its definition); announce its outcome again.
-            return self._repeat(doc, "")
-        saga, plan = self.definition(doc)
-        event_id, event, result = self._to_event(msg, plan, doc)
-        if event_id in doc["inbox"]:
-            return self._repeat(doc, event_id)
+            return self._repeat(rec, "")
+        saga, plan = self.definition(rec)
+        event_id, event = self._to_event(msg, plan, rec)
         elapsed = msg.get("elapsed")  # what the participant measured, for metrics
         if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or elapsed < 0:
             elapsed = None
-        out = self._apply(saga, plan, doc, event_id, event, result, msg.get("set"), now,
-                          elapsed)
+        out = self._apply(saga, plan, rec, event_id, event, now, elapsed)
         too_big = self._oversize(out)
         if too_big and isinstance(event, m.StepSucceeded):
             # The result does not fit: the step fails (retrying would return the same).
             # Its effect happened: it is compensated if the saga aborts.
-            event = m.StepFailed(event.step, event.attempt, f"result of step {event.step!r} "
-                                 f"is too large: {too_big}; keep large payloads outside the "
-                                 f"saga and return a reference", False, applied=True)
-            out = self._apply(saga, plan, orjson.loads(row), event_id, event, None, None, now,
+            event = run_record.refused(
+                event.step, event.attempt, f"result of step {event.step!r} is too large: "
+                f"{too_big}; keep large payloads outside the saga and return a reference")
+            out = self._apply(saga, plan, run_record.decode(row), event_id, event, now,
                               elapsed)
             too_big = self._oversize(out)
         if too_big:
@@ -265,27 +237,20 @@ class Orchestrator:
                                f"{msg['type']} would write {too_big}", "oversized")
         return out
 
-    def _apply(self, saga: Saga, plan: Plan, doc: dict[str, Any], event_id: str, event: Any,
-               result: Any, changed: dict[str, Any] | None, now: float,
-               elapsed: float | None = None) -> Output:
-        state = SagaState.from_dict(doc["state"])
-        seq = state.seq
-        _, cmds = m.handle(plan, state, event, now)
-        if state.seq == seq:
-            return Output(None, [], [], None)  # stale: the machine ignored it
-        if isinstance(event, m.StepSucceeded):
-            if result is not None:
-                doc["results"][event.step] = result
-            doc["data"].update(changed or {})  # context keys the step set, as in-process
-        inbox = doc["inbox"]
-        inbox.append(event_id)
-        del inbox[:-self.inbox_size]
-        return self._commit(saga, plan, doc, state, cmds, event, elapsed)
+    def _apply(self, saga: Saga, plan: Plan, rec: run_record.Run, event_id: str,
+               event: m.Event, now: float, elapsed: float | None = None) -> Output:
+        applied, cmds = run_record.apply(plan, rec, event, now, event_id, self.inbox_size)
+        if applied:
+            return self._commit(saga, plan, rec, cmds, event, elapsed)
+        if not cmds:
+            return Output(None, [], [], None)  # stale (the machine ignored it), or repeated
+        sends, timers, _ = self._translate(saga, rec, cmds)  # the last event again
+        return Output(None, sends, timers, None, duplicate=True)
 
-    def _early_timer(self, key: str, doc: dict[str, Any], now: float) -> Output | None:
+    def _early_timer(self, key: str, rec: run_record.Run, now: float) -> Output | None:
         """An armed timer whose due time has not come: nothing happens, and it is armed
         again (the index popped it). None when the timer may be applied."""
-        due = doc.get("expires_at") if key == EXPIRE else doc["state"]["timers"].get(key)
+        due = rec.expires_at if key == EXPIRE else rec.state.timers.get(key)
         if due is None:
             # Not armed: a stale timer (the machine ignores it) or a repeated expiry of a
             # saga that a retry made unfinished again (kept: it has no expires_at).
@@ -307,17 +272,17 @@ class Orchestrator:
         return None
 
     @staticmethod
-    def _to_event(msg: dict[str, Any], plan: Plan, doc: dict[str, Any]) -> tuple[str, Any, Any]:
+    def _to_event(msg: dict[str, Any], plan: Plan, rec: run_record.Run) -> tuple[str, m.Event]:
         kind = msg["type"]
         if kind == "cancel":
-            return f"cancel|{msg['request_id']}", m.CancelRequested(msg["reason"]), None
+            return f"cancel|{msg['request_id']}", m.CancelRequested(msg["reason"])
         if kind == "retry":
-            return f"retry|{msg['request_id']}", m.RetryCompensations(), None
+            return f"retry|{msg['request_id']}", m.RetryCompensations()
         if kind == "timer":
-            return f"timer|{msg['key']}", m.TimerFired(msg["key"]), None
+            return f"timer|{msg['key']}", m.TimerFired(msg["key"])
         step, attempt, action = msg["step"], msg["attempt"], msg["action"]
         if step not in plan.index:
-            raise MessageError(f"saga {doc['saga']!r} has no step {step!r}")
+            raise MessageError(f"saga {rec.name!r} has no step {step!r}")
         if action not in ("run", "compensate"):
             raise MessageError(f"result action must be 'run' or 'compensate', got {action!r}")
         expected = m.command_id(msg["saga_id"], step, attempt, action)
@@ -328,74 +293,75 @@ class Orchestrator:
         error = clip(msg["error"] or "failed", MAX_ERROR_CHARS)
         if action == "run":
             if msg["ok"]:
-                return event_id, m.StepSucceeded(step, attempt), msg["result"]
+                return event_id, m.StepSucceeded(step, attempt, msg["result"],
+                                                 msg["set"] or None)
             # applied: the participant ran it but could not report its result (too large)
             return event_id, m.StepFailed(step, attempt, error, msg["retryable"],
-                                          applied=msg.get("applied") is True), None
+                                          applied=msg.get("applied") is True)
         if msg["ok"]:
-            return event_id, m.CompensationSucceeded(step, attempt), None
-        return event_id, m.CompensationFailed(step, attempt, error, msg["retryable"]), None
+            return event_id, m.CompensationSucceeded(step, attempt, msg["set"] or None)
+        return event_id, m.CompensationFailed(step, attempt, error, msg["retryable"])
 
-    def _repeat(self, doc: dict[str, Any], event_id: str) -> Output:
-        """A repeated input changes nothing. Only a repeat of the last applied event can mean
-        its commands were lost (a crash after the row was written, before they were): then
-        re-emit what is in flight. A finished saga re-announces its outcome."""
-        state = SagaState.from_dict(doc["state"])
-        if state.terminal:  # announce the outcome again: needs no definition
-            return Output(None, [(self.topics.outcomes, state.saga_id.encode(),
-                                  outcome_message(doc, state))], [], None, duplicate=True)
-        if doc["inbox"][-1] == event_id:
-            saga, plan = self.definition(doc)
-            sends, timers, _ = self._translate(saga, doc, state, m.resume(plan, state))
-            return Output(None, sends, timers, None, duplicate=True)
-        return Output(None, [], [], None)
+    def _repeat(self, rec: run_record.Run, event_id: str) -> Output:
+        """A repeated input changes nothing; ``sagaz.run.repeat`` says what to send again. A
+        finished run announces its outcome again, which needs no definition."""
+        if rec.state.terminal:
+            return Output(None, [(self.topics.outcomes, rec.saga_id.encode(),
+                                  outcome_message(rec))], [], None, duplicate=True)
+        if not rec.inbox or rec.inbox[-1] != event_id:
+            return Output(None, [], [], None)  # later inputs prove its commands went out
+        saga, plan = self.definition(rec)
+        sends, timers, _ = self._translate(saga, rec, run_record.repeat(plan, rec, event_id))
+        return Output(None, sends, timers, None, duplicate=True)
 
-    def _commit(self, saga: Saga, plan: Plan, doc: dict[str, Any], state: SagaState,
-                cmds: list[Any], event: Any, elapsed: float | None = None) -> Output:
+    def _commit(self, saga: Saga, plan: Plan, rec: run_record.Run,
+                cmds: m.Commands, event: m.Event | None, elapsed: float | None = None) -> Output:
         """The output of a transition (``event``; None: the start) the machine made."""
-        doc["state"] = state.to_dict()
-        sends, timers, disarmed = self._translate(saga, doc, state, cmds)
+        state = rec.state
+        sends, timers, disarmed = self._translate(saga, rec, cmds)
         if self.retention and state.status in _EXPIRES and state.ended_at is not None:
-            doc["expires_at"] = state.ended_at + self.retention
-            if doc["expires_at"] <= state.ended_at + EXPIRY_HORIZON:
-                timers.append((doc["expires_at"], EXPIRE))
+            rec.expires_at = state.ended_at + self.retention
+            if rec.expires_at <= state.ended_at + EXPIRY_HORIZON:
+                timers.append((rec.expires_at, EXPIRE))
         else:
-            doc.pop("expires_at", None)
+            rec.expires_at = None
         run = Transition(saga.name, state.saga_id, state.status.value, state.started_at,
                          state.ended_at, event, cmds, elapsed)
-        return Output(orjson.dumps(doc), sends, timers, None, disarmed, run=run)
+        return Output(run_record.encode(rec), sends, timers, None, disarmed, run=run)
 
-    def _translate(self, saga: Saga, doc: dict[str, Any], state: SagaState,
-                   cmds: list[Any]) -> tuple[list[tuple[str, bytes, bytes]],
-                                             list[tuple[float, str]], list[str]]:
+    def _translate(self, saga: Saga, rec: run_record.Run, cmds: m.Commands
+                   ) -> tuple[list[tuple[str, bytes, bytes]], list[tuple[float, str]],
+                              list[str]]:
         sends: list[tuple[str, bytes, bytes]] = []
         timers: list[tuple[float, str]] = []
         disarmed: list[str] = []
+        state = rec.state
         key = state.saga_id.encode()
         for cmd in cmds:
-            kind = type(cmd)
-            if kind is m.RunStep or kind is m.RunCompensation:
-                sends.append((self.topics.participant(participant_of(saga, cmd.step)), key,
-                              messages.encode(
-                                  "run" if kind is m.RunStep else "compensate", state.saga_id,
-                                  doc.get("trace"), saga=saga.name, version=saga.version,
-                                  step=cmd.step,
-                                  attempt=cmd.attempt, command_id=cmd.command_id,
-                                  data=doc["data"],
-                                  results=doc["results"])))
-            elif kind is m.ScheduleTimer:
-                timers.append((cmd.due, cmd.key))
-            elif kind is m.CancelTimer:
-                disarmed.append(cmd.key)
-            elif kind is m.Finish:
-                sends.append((self.topics.outcomes, key, outcome_message(doc, state)))
-            # CancelStep/CancelCompensation: a remote attempt cannot be stopped; the machine
-            # runs with confirms_cancel=False and stops waiting for it.
+            match cmd:
+                case m.RunStep() | m.RunCompensation():
+                    sends.append((
+                        self.topics.participant(participant_of(saga, cmd.step)), key,
+                        messages.encode(
+                            "run" if type(cmd) is m.RunStep else "compensate", state.saga_id,
+                            rec.trace, saga=saga.name, version=saga.version, step=cmd.step,
+                            attempt=cmd.attempt,
+                            command_id=cmd.command_id, data=rec.data, results=rec.results)))
+                case m.ScheduleTimer():
+                    timers.append((cmd.due, cmd.key))
+                case m.CancelTimer():
+                    disarmed.append(cmd.key)
+                case m.Finish():
+                    sends.append((self.topics.outcomes, key, outcome_message(rec)))
+                case m.CancelStep() | m.CancelCompensation():
+                    pass  # a remote attempt cannot be stopped; the machine runs with
+                    # confirms_cancel=False and stops waiting for it
+                case _:
+                    assert_never(cmd)
         return sends, timers, disarmed
 
 
 _EXPIRES = frozenset({m.SagaStatus.COMPLETED, m.SagaStatus.COMPENSATED})
-_ENDED = frozenset({"completed", "compensated", "failed"})
 
 
 def row_seq(row: bytes) -> int:
@@ -404,24 +370,22 @@ def row_seq(row: bytes) -> int:
     return int(orjson.loads(row)["state"]["seq"])
 
 
-def armed_timers(row: bytes | dict[str, Any], until: float) -> list[tuple[float, str]]:
+def armed_timers(row: bytes | run_record.Run, until: float) -> list[tuple[float, str]]:
     """The timers a row (bytes, or decoded) holds for the timer index: the machine's, and
     its expiry when that is due by ``until``."""
-    doc = orjson.loads(row) if isinstance(row, bytes) else row
-    timers = [(due, k) for k, due in doc["state"]["timers"].items()]
-    if doc.get("expires_at", until + 1) <= until:
-        timers.append((doc["expires_at"], EXPIRE))
+    rec = run_record.decode(row) if isinstance(row, bytes) else row
+    timers = [(due, k) for k, due in rec.state.timers.items()]
+    if rec.expires_at is not None and rec.expires_at <= until:
+        timers.append((rec.expires_at, EXPIRE))
     return timers
 
 
-def outcome_message(doc: dict[str, Any], state: SagaState) -> bytes:
-    return messages.encode("outcome", state.saga_id, doc.get("trace"), saga=doc["saga"],
+def outcome_message(rec: run_record.Run) -> bytes:
+    state = rec.state
+    return messages.encode("outcome", state.saga_id, rec.trace, saga=state.name,
                            status=state.status.value, error=state.failure,
-                           failed_step=state.failed_step, data=doc["data"],
-                           results=doc["results"])
+                           failed_step=state.failed_step, data=rec.data,
+                           results=rec.results)
 
 
-def step_view(name: str, st: m.StepState) -> dict[str, Any]:
-    return {"name": name, "status": st.status.value, "attempts": st.attempt,
-            "compensation_attempts": st.comp_attempt, "started_at": st.started_at,
-            "ended_at": st.ended_at, "error": st.error, "compensation_error": st.comp_error}
+step_view = run_record.step_view  # where it was before sagaz.run

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sagaz import run as run_record
 from sagaz.machine import SagaStatus
 
 if TYPE_CHECKING:
@@ -53,11 +54,9 @@ def register(oapp: OrchestratorApp) -> None:
         matched."""
         found = []
         for _, row in table.items():  # this worker's active partitions
-            doc = orjson.loads(row)
-            st = doc["state"]
-            if (status is None or st["status"] == status) and (name is None
-                                                               or doc["saga"] == name):
-                found.append((st["updated_at"], row))
+            st = run_record.decode(row).state
+            if (status is None or st.status == status) and (name is None or st.name == name):
+                found.append((st.updated_at, row))
         found.sort(key=lambda f: -f[0])
         return [orch.view(r) for _, r in found[:limit]], len(found)
 

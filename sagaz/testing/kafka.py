@@ -45,11 +45,13 @@ from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
+from sagaz.errors import SagazError
+
 KAFKA_VERSION = "3.9.1"
 _POM = "kafka-pom.xml"
 
 
-class KafkaToolError(RuntimeError):
+class KafkaToolError(SagazError, RuntimeError):
     """The local broker could not be resolved or started; the message says what to do."""
 
 

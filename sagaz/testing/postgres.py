@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from sagaz.errors import SagazError
 from sagaz.testing.kafka import free_port
 
 
-class PostgresToolError(RuntimeError):
+class PostgresToolError(SagazError, RuntimeError):
     pass
 
 

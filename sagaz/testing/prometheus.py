@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sagaz.errors import SagazError
 from sagaz.testing.kafka import _die_with_parent, free_port
 
 DEFAULT_BINARY = "/usr/bin/prometheus"
@@ -44,7 +45,7 @@ _DURATION = re.compile(r"(?:\d+y)?(?:\d+w)?(?:\d+d)?(?:\d+h)?(?:\d+m)?(?:\d+s)?(
 _JOB = re.compile(r"[a-zA-Z_][a-zA-Z0-9_.:-]*")
 
 
-class PrometheusToolError(RuntimeError):
+class PrometheusToolError(SagazError, RuntimeError):
     """The server could not be found, started or asked; the message says what to do."""
 
 

@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from sagaz.errors import SagazError
 from sagaz.testing.kafka import _die_with_parent, free_port
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 
 
-class RabbitMQToolError(RuntimeError):
+class RabbitMQToolError(SagazError, RuntimeError):
     pass
 
 

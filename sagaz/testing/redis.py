@@ -9,10 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from sagaz.errors import SagazError
 from sagaz.testing.kafka import _die_with_parent, free_port
 
 
-class RedisToolError(RuntimeError):
+class RedisToolError(SagazError, RuntimeError):
     pass
 
 
