@@ -125,8 +125,10 @@ def peer(args) -> dict[str, tuple[float, float, float]]:
         if not Path(py).exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
             subprocess.run([py, "-m", "pip", "install", "-q", "sagaz==1.5.0"], check=True)
+    # Without PYTHONPATH: set to run this tree, it would make the peer import our sagaz.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([py, args.peer_script, "-n", str(args.peer_n)], check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, env=env).stdout
     rows = {}
     for line in out.splitlines():
         m = re.match(r"decl (ok|fail|dag)\s+\(lean\)\s+(\d+)\s+(\d+)\s+(\d+)", line)
