@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 _RUN, _COMP = 0, 1
 _PLAIN = frozenset({type(None), str, int, float, bool})  # serialisable as they are
 _NO_TIMES: dict[Any, float] = {}  # never written: runs without metrics share it
+_RunStep, _RunCompensation, _Finish = m.RunStep, m.RunCompensation, m.Finish
+_ScheduleTimer, _CancelTimer = m.ScheduleTimer, m.CancelTimer
+_CancelStep, _CancelCompensation = m.CancelStep, m.CancelCompensation
 
 
 class _Ids:
@@ -192,27 +195,28 @@ class _Run:
     # -- commands
 
     def execute(self, cmds: m.Commands) -> None:
+        # isinstance, not ``match``: class patterns cost a third more per command here, and
+        # mypy checks this chain as exhaustive all the same (assert_never)
         for cmd in cmds:
-            match cmd:
-                case m.RunStep():
-                    self.start(_RUN, cmd.step, cmd.attempt)
-                case m.RunCompensation():
-                    self.start(_COMP, cmd.step, cmd.attempt)
-                case m.ScheduleTimer():
-                    delay = max(0.0, cmd.due - self.clock())
-                    self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
-                case m.CancelTimer():
-                    handle = self.timers.pop(cmd.key, None)
-                    if handle is not None:
-                        handle.cancel()
-                case m.CancelStep():
-                    self.cancel(_RUN, cmd.step, cmd.attempt)
-                case m.CancelCompensation():
-                    self.cancel(_COMP, cmd.step, cmd.attempt)
-                case m.Finish():
-                    pass  # nothing to do: the loop ends on the terminal state
-                case _:
-                    assert_never(cmd)
+            if isinstance(cmd, _RunStep):
+                self.start(_RUN, cmd.step, cmd.attempt)
+            elif isinstance(cmd, _Finish):
+                pass  # nothing to do: the loop ends on the terminal state
+            elif isinstance(cmd, _RunCompensation):
+                self.start(_COMP, cmd.step, cmd.attempt)
+            elif isinstance(cmd, _ScheduleTimer):
+                delay = max(0.0, cmd.due - self.clock())
+                self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
+            elif isinstance(cmd, _CancelTimer):
+                handle = self.timers.pop(cmd.key, None)
+                if handle is not None:
+                    handle.cancel()
+            elif isinstance(cmd, _CancelStep):
+                self.cancel(_RUN, cmd.step, cmd.attempt)
+            elif isinstance(cmd, _CancelCompensation):
+                self.cancel(_COMP, cmd.step, cmd.attempt)
+            else:
+                assert_never(cmd)
 
     def fire(self, key: str) -> None:
         self.timers.pop(key, None)
@@ -294,7 +298,8 @@ class _Run:
             self.observe(kind, step, attempt, exc)
         if exc is None:
             assert ctx is not None and before is not None
-            changed = changes(before, ctx.data)
+            data = ctx.data
+            changed = None if data == before else changes(before, data)
             if kind == _RUN:
                 if changed is not None or type(value) not in _PLAIN:
                     reason = refusal(step, value, changed)
