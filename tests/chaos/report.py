@@ -75,10 +75,14 @@ def render() -> str:
         "owner had already retried (9 duplicated effects in 3,000 sagas); a step now starts "
         "only while the group has confirmed the participant within half the session "
         "timeout, and never after a rebalance began.",
+        "- Scenario 4: a worker cut off from the broker while its loop ran (not frozen) "
+        "flushed the changelog rows it had queued before the cut after the new owner's (2 "
+        "sagas' changelog went backwards in the short run; "
+        "tests/integration/test_partition_fence.py reproduces it); the worker now pauses "
+        "while the group has not confirmed its membership for half the session timeout, its "
+        "producer gives up on a write after a quarter of it, and past the session timeout "
+        "it fences itself (exit 75) instead of flushing.",
         "", "Open (reported as an expected failure by `pytest -m chaos` when it occurs):", "",
-        "- Scenario 4: a worker cut off from the broker while its loop runs (not frozen) "
-        "flushes rows it queued before the cut after the new owner's (the short run saw 2 "
-        "sagas' changelog go backwards).",
         "- Scenario 5: one start of 5,000 reached a worker just as it was stopped (SIGTERM, "
         "scale-in); the group's offset moved past it but it was never applied.",
         "- Scenario 4, long run after the participant's fence: 6 of 3,000 sagas had made no "
