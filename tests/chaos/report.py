@@ -87,8 +87,14 @@ def render() -> str:
         "scale-in); the group's offset moved past it but it was never applied.",
         "- Scenario 4, long run after the participant's fence: 6 of 3,000 sagas had made no "
         "progress for 7 minutes when the run was stopped (3 with a retry timer that did not "
-        "fire, 3 waiting for a participant's reply), on the worker that was not cut off; "
-        "not analysed yet. The table below is that scenario's short run.", ""]
+        "fire, 3 waiting for a participant's reply), on the worker that was not cut off. "
+        "Likely the cut-off worker's late rows (fixed above): faust resumes a table's "
+        "recovery after the offset of its own last acknowledged changelog write, so a late "
+        "write past the new owner's rows made the rejoined worker skip them (sagas it then "
+        "did not have: results dead-lettered \"no saga here\", timers never armed); before "
+        "the fence tests/integration/test_partition_fence.py saw 28 of 700 sagas never end "
+        "and 31 results dead-lettered so. Not yet confirmed by a long run with the fence. "
+        "The table below is that scenario's short run.", ""]
     for name in ORDER:
         path = OUT / f"{name}.json"
         if not path.exists():
