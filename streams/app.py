@@ -23,6 +23,13 @@ Health: ``live`` is false when the agent or the producer is dead (so Kubernetes 
 the pod); ``ready`` is false while starting, recovering or rebalancing, and while a
 partition is stalled or an input or its outputs have been pending for ``stall_timeout``.
 
+Fences: a worker that another may have replaced as the owner of its partitions must not
+write. Frozen past the group session timeout (its loop did not run), or without a group
+confirmation of its membership for that long (cut off from the broker while its loop ran),
+it fences itself (``sagaz worker`` exits with code 75; restarted, it recovers from the
+changelog) rather than flush what it holds; while the membership is unconfirmed for half
+the session timeout it processes, resends and writes nothing (``Membership``).
+
 Versions (``sagaz.versions``): an input for a run whose definition version this worker does
 not have (or whose version changed without a bump in a step the run has not passed) is
 neither guessed nor dropped: it stalls its partition like an input that cannot be written
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import time
 import weakref
@@ -143,6 +151,95 @@ FROZEN_EXIT_CODE = 75  # `sagaz worker` exits with this when it fenced itself (E
 RESEND_INTERVAL = 1.0  # seconds between sends again of a partition's failed output
 
 
+class Membership:
+    """When the consumer group last confirmed this worker as a member, for the partition
+    fence (``OrchestratorApp._watch_loop``).
+
+    A worker cut off from the broker keeps running: its loop is alive (so the frozen-loop
+    watchdog sees nothing), it still holds fetched inputs, and its producer still holds
+    the changelog rows it queued. Once the session timeout passes without a heartbeat, the
+    group gives its partitions to another worker; when the network heals, whatever this
+    one still writes lands after the new owner's rows (a saga's changelog goes backwards).
+    aiokafka keeps the confirmation to itself, in the consumer's own thread and loop
+    (faust's ``AIOKafkaConsumerThread``): its coordinator's ``_do_heartbeat`` and
+    ``_do_rejoin_group`` are wrapped to record it here. ``confirmed`` is a ``monotonic``
+    time, only ever replaced (a float store: safe across the threads), and read once per
+    input on the hot path:
+
+    - a heartbeat the coordinator accepted (also "rebalancing": the group keeps a member
+      through a rebalance) confirms the membership now;
+    - while a rejoin (JoinGroup, SyncGroup) is in flight the group holds the member, so
+      it counts as confirmed (``inf``) until it ends: confirmed at its end if it
+      succeeded or the coordinator answered, else (the coordinator unreachable) as of its
+      start;
+    - a rejoin after the group forgot this member (aiokafka reset its member id: "unknown
+      member"), or that begins after a lapse longer than ``session_timeout / 2``, may be
+      the group readmitting a member it had evicted, its partitions served by another
+      worker meanwhile: the membership is ``lost`` for good (``-inf``), and the worker
+      fences itself rather than resume with what it holds.
+    Before ``watch`` (no assignment yet), ``confirmed`` is ``inf``: nothing to fence."""
+
+    def __init__(self, session_timeout: float) -> None:
+        self.session_timeout = session_timeout
+        self.confirmed = math.inf
+        self.lost = False
+        self.watching = False
+
+    def watch(self, coordinator: Any) -> bool:
+        """Wrap the group coordinator's heartbeat and rejoin; False if aiokafka has not
+        got them (no fence then: logged by the caller)."""
+        beat = getattr(coordinator, "_do_heartbeat", None)
+        rejoin = getattr(coordinator, "_do_rejoin_group", None)
+        if beat is None or rejoin is None:
+            return False
+        half = self.session_timeout / 2
+
+        async def heartbeat() -> bool:
+            ok: bool = await beat()
+            if ok and not self.lost:
+                self.confirmed = time.monotonic()
+            return ok
+
+        def forgotten() -> bool:  # the coordinator answered "unknown member"
+            return not getattr(coordinator, "member_id", "x")
+
+        async def rejoin_group(*args: Any, **kwargs: Any) -> bool:
+            began = time.monotonic()
+            if self.lost:
+                pass
+            elif forgotten() or began - self.confirmed > half:
+                log.critical("rejoining the group %s: it may have given this worker's "
+                             "partitions to another", "that evicted this worker"
+                             if forgotten() else f"after {began - self.confirmed:.1f}s "
+                             f"without a confirmed membership")
+                self.lost, self.confirmed = True, -math.inf
+            else:
+                self.confirmed = math.inf  # the group holds its member while it rejoins
+            ok = False
+            try:
+                ok = bool(await rejoin(*args, **kwargs))
+            finally:
+                if not self.lost:
+                    if forgotten():
+                        self.lost, self.confirmed = True, -math.inf
+                    elif ok or getattr(coordinator, "coordinator_id", None) is not None:
+                        self.confirmed = time.monotonic()  # it answered: still a member
+                    else:
+                        self.confirmed = began  # unreachable: no news since it began
+            return ok
+
+        coordinator._do_heartbeat = heartbeat
+        coordinator._do_rejoin_group = rejoin_group
+        self.confirmed = time.monotonic()
+        self.watching = True
+        return True
+
+    def lapse(self) -> float:
+        """Seconds since the group last confirmed this worker (<= 0 while it holds it
+        anyway; ``inf`` once lost)."""
+        return time.monotonic() - self.confirmed
+
+
 def transient(exc: BaseException) -> bool:
     """A send failure that the broker coming back cures (not connected, no leader, timed
     out): the output is sent again, the input stays unacked meanwhile. Anything else
@@ -208,6 +305,9 @@ class OrchestratorApp:
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_tick = 0.0
         self.fenced: str | None = None  # why this worker stopped handling inputs
+        # the group's confirmation of this worker's membership (the partition fence)
+        self.membership = Membership(settings.session_timeout)
+        self._half_session = settings.session_timeout / 2
         self.on_frozen: Callable[[str], None] = lambda reason: None
         self._next_rescan = 0.0  # when to rescan the rows for expiries coming due
         self._counts: dict[str, int] = {}  # partition counts of the output topics
@@ -225,7 +325,11 @@ class OrchestratorApp:
             # Rows and messages are checked against max_message_bytes before they are
             # written; the producer must never refuse what passed that check.
             producer_max_request_size=max(1_048_576, settings.max_message_bytes + 65_536),
-            producer_request_timeout=max(30.0, settings.stall_timeout),
+            # A write not acknowledged within a quarter of the session timeout fails (and
+            # is sent again by _ack_done while the group still confirms this worker): one
+            # queued before a partition from the broker can never land after the session
+            # timeout, once another worker may own its partition (the partition fence).
+            producer_request_timeout=settings.session_timeout / 4,
             broker_commit_interval=settings.commit_interval,
             broker_session_timeout=settings.session_timeout,
             broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
@@ -319,15 +423,62 @@ class OrchestratorApp:
         inputs and report not live)."""
         now = time.monotonic()
         gap, self._last_tick = now - self._last_tick, now
-        if gap > self.settings.session_timeout and self.fenced is None:
-            self.fenced = (f"the event loop was frozen for {gap:.1f}s, longer than the group "
-                           f"session timeout ({self.settings.session_timeout:.0f}s): another "
-                           f"worker owns these partitions now; restart this worker")
-            log.critical("fenced: %s", self.fenced)
-            self.on_frozen(self.fenced)
+        if self.fenced is not None:
+            return
+        if gap > self.settings.session_timeout:
+            self._fence(f"the event loop was frozen for {gap:.1f}s, longer than the group "
+                        f"session timeout ({self.settings.session_timeout:.0f}s): another "
+                        f"worker owns these partitions now; restart this worker")
+            return
+        if self._check_membership():
             return
         self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_INTERVAL,
                                                                self._watch_loop)
+
+    def _fence(self, reason: str) -> None:
+        self.fenced = reason
+        log.critical("fenced: %s", reason)
+        self.on_frozen(reason)
+
+    def _check_membership(self) -> bool:
+        """The partition fence, from the watchdog: a worker whose group membership was not
+        confirmed for longer than the session timeout (cut off from the broker, or the
+        broker unreachable that long), or that was readmitted after a lapse, may have lost
+        its partitions to another worker; whatever it still holds or has queued would land
+        after the new owner's writes. It fences itself (``sagaz worker`` exits: the process
+        manager restarts it and it recovers from the changelog). True when fenced now."""
+        membership = self.membership
+        lapse = membership.lapse()
+        if (lapse <= self.settings.session_timeout and not membership.lost) \
+                or self.app.should_stop:  # stopping: the consumer has left (or is leaving)
+            return False
+        why = ("the group readmitted it after a lapse in its membership" if membership.lost
+               else f"its group membership was not confirmed for {lapse:.1f}s, longer than "
+                    f"the session timeout ({self.settings.session_timeout:.0f}s)")
+        self._fence(f"{why} (cut off from the broker?): another worker may own these "
+                    f"partitions now; restart this worker")
+        return True
+
+    def member(self) -> bool:
+        """The group confirmed this worker's membership within half the session timeout
+        (and it is not fenced): it may process, write rows and send outputs again."""
+        return self.fenced is None and self.membership.lapse() <= self._half_session
+
+    async def _wait_for_membership(self) -> None:
+        """Hold the agent while the membership is unconfirmed: nothing is processed or
+        written until a heartbeat confirms it again (or the fence ends the worker)."""
+        log.warning("group membership not confirmed for %.1fs: processing paused",
+                    self.membership.lapse())
+        t0 = time.monotonic()
+        while True:
+            if self.fenced is not None:
+                return
+            if self.membership.lapse() <= self._half_session:
+                break
+            await asyncio.sleep(0.05)
+        if self.fenced is None:
+            log.warning("group membership confirmed again: processing resumed after %.1fs",
+                        time.monotonic() - t0)
 
     def _start_watchdog(self) -> None:
         if self._watchdog is None:
@@ -413,6 +564,8 @@ class OrchestratorApp:
         """``value``: the input's value when it is not ``event.value`` as it came."""
         message = event.message
         tp = message.tp
+        if time.monotonic() - self.membership.confirmed > self._half_session:
+            await self._wait_for_membership()  # the partition fence
         if tp in self.stalled or self.fenced is not None:
             return  # not acked: delivered again after a restart or rebalance
         self._busy_since = time.monotonic()
@@ -528,8 +681,8 @@ class OrchestratorApp:
     async def _resend(self, tp: Any, futures: list[Any], i: int, resend: Resend,
                       exc: BaseException) -> None:
         now = time.monotonic()
-        if now < self._resend_at.get(tp, 0.0):
-            return
+        if now < self._resend_at.get(tp, 0.0) or not self.member():
+            return  # never a write the group may no longer want from this worker
         self._resend_at[tp] = now + RESEND_INTERVAL
         self.metrics.produce_errors.inc()  # one failed send, sent again now
         if now - self._resend_logged.get(tp, -60.0) >= 30:
@@ -601,9 +754,12 @@ class OrchestratorApp:
             message.offset, self.settings.max_message_bytes)
         producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
         error: BaseException | None = None
-        for attempt in range(DEAD_LETTER_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(0.5 * 2 ** attempt)
+        # The producer gives up on a write after a quarter of the session timeout (the
+        # partition fence), so a transient failure (the broker restarting) is tried again
+        # for as long as DEAD_LETTER_ATTEMPTS slow attempts would have taken.
+        deadline = time.monotonic() + DEAD_LETTER_ATTEMPTS * DEAD_LETTER_TIMEOUT
+        attempt = 0
+        while True:
             try:
                 fut = await producer.send(self.topics.dead_letters, value, key=key,
                                           headers=headers)
@@ -614,10 +770,15 @@ class OrchestratorApp:
                 return
             except Exception as exc:
                 error = exc
+                attempt += 1
                 self.metrics.produce_errors.inc()
                 log.warning("dead-letter copy of %s:%s@%s not written (attempt %d): %s",
-                            message.topic, message.partition, message.offset, attempt + 1,
+                            message.topic, message.partition, message.offset, attempt,
                             describe(exc))
+            if self.fenced is not None or (attempt >= DEAD_LETTER_ATTEMPTS and not (
+                    transient(error) and time.monotonic() < deadline)):
+                break
+            await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))
         raise DeadLetterFailed(f"its dead-letter copy could not be written: "
                                f"{describe(error) if error else 'unknown'}; dead-letter "
                                f"reason: {reason}")
@@ -640,6 +801,9 @@ class OrchestratorApp:
             waiting.append("starting, recovering tables or rebalancing")
         now = time.monotonic()
         limit = self.settings.stall_timeout
+        lapse = self.membership.lapse()
+        if lapse > self._half_session:
+            waiting.append(f"group membership not confirmed for {lapse:.0f}s: paused")
         if self._busy_since is not None and now - self._busy_since > limit:
             waiting.append(f"one input has been processing for {now - self._busy_since:.0f}s")
         for tp, queue in self._unacked.items():
@@ -688,6 +852,18 @@ class OrchestratorApp:
 
     def _on_assigned(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         self.metrics.rebalances.inc()
+        if not self.membership.watching:
+            self._watch_membership()
+
+    def _watch_membership(self) -> None:
+        """Start the partition fence once the consumer joined its group (its coordinator
+        exists from then on, in faust's consumer thread)."""
+        thread = getattr(self.app.consumer, "_thread", None)
+        coordinator = getattr(getattr(thread, "_consumer", None), "_coordinator", None)
+        if not self.membership.watch(coordinator):
+            self.membership.watching = True  # warn once
+            log.warning("no aiokafka group coordinator with _do_heartbeat/_do_rejoin_group: "
+                        "this worker is not fenced when cut off from the broker")
 
     def _stalled_sample(self) -> list[tuple[tuple[str, ...], float]]:
         return [((), float(len(self.stalled)))]
@@ -732,6 +908,8 @@ class OrchestratorApp:
     # -- timers
 
     async def _fire_timers(self) -> None:
+        if not self.member():  # the partition fence: no acks, resends, timers or rows
+            return
         for tp, queue in list(self._unacked.items()):  # inputs whose outputs were acked since
             await self._ack_done(tp, queue)
         if not self.ready():

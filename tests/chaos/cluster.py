@@ -36,6 +36,7 @@ from tests.proxy import Proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
+FENCED_EXIT = 75  # streams.app.FROZEN_EXIT_CODE: a worker that fenced itself
 LONG = os.environ.get("SAGAZ_CHAOS", "").lower() == "long"  # make chaos: the long sizes
 OUT = ROOT / "var" / "chaos"  # each scenario's figures, for docs/chaos.md
 
@@ -121,6 +122,7 @@ class Cluster:
         self.outcomes: dict[str, tuple[str, float]] = {}  # saga id -> (status, monotonic)
         self.started: dict[str, str] = {}                 # saga id -> saga name
         self.faults: list[Fault] = []
+        self.fenced_exits: list[str] = []  # workers restarted after exit code 75
         self._watcher: asyncio.Task[None] | None = None
         self.client: SagaClient | None = None
 
@@ -231,6 +233,14 @@ class Cluster:
         pending = list(procs)
         while pending:
             for p in list(pending):
+                if not p.running and p.role == "worker" and p.popen is not None \
+                        and p.popen.poll() == FENCED_EXIT:
+                    # A worker that fenced itself (frozen past the session timeout, or cut
+                    # off from the broker that long) exits 75 for its process manager to
+                    # restart it: do what the manager would.
+                    self.fenced_exits.append(p.name)
+                    await self.restart(p)
+                    continue
                 if not p.running:
                     raise AssertionError(f"{p.name} exited with {p.popen and p.popen.poll()}; "
                                          f"log tail:\n{tail(p.log)}")
@@ -407,8 +417,12 @@ class Cluster:
             await asyncio.sleep(0.1)
 
     def figures(self, scenario: str, t0: float) -> Figures:
-        return Figures(scenario, len(self.started), list(self.faults), self.report(),
-                       time.monotonic() - t0)
+        fig = Figures(scenario, len(self.started), list(self.faults), self.report(),
+                      time.monotonic() - t0)
+        if self.fenced_exits:
+            fig.notes.append(f"workers that fenced themselves (exit 75) and were restarted: "
+                             f"{self.fenced_exits}")
+        return fig
 
 
 def save(fig: Figures) -> dict[str, Any]:
