@@ -142,6 +142,77 @@ class _SagaTable(faust.Table):
         super().apply_changelog_batch(kept)
 
 
+class SeekGuard:
+    """Keeps faust from committing past input records it dropped while seeking.
+
+    After a rebalance faust's recovery resumes the input partitions and *then* seeks them
+    to their committed offsets (``Recovery.on_recovery_completed``, ``_resume_streams``),
+    while its flow is already running (it ran for the changelogs). During the seek's broker
+    round trip the fetcher hands the agent records from the old position, and the buffer
+    clear that follows the seek (``flow_control.resume()``) drops those still queued,
+    although faust counted them as read. The read offsets it keeps then jump over them: a
+    jump becomes a "gap" that ``Consumer._new_offset`` counts as acked, and a single missing
+    offset at the committed one is tolerated, so the worker commits offsets that no agent
+    processed; the inputs are lost (chaos scenario 5: a start the partition's new owner
+    never applied after a scale-in; tests/integration/test_scale_in.py).
+
+    The guard wraps the consumer's ``perform_seek`` and ``resume_flow``: when a seek starts
+    while the flow runs, the input partitions are paused in the same step (before any
+    record of theirs can be handed over) and stay paused until the flow is resumed after
+    the seek, once faust cleared the buffers; the first record handed over is then the
+    committed one. Nothing on the per-record path changes."""
+
+    def __init__(self, inputs: frozenset[str], wanted: Callable[[Any], bool]) -> None:
+        """``inputs``: the topics the agent consumes; ``wanted(tp)``: whether a partition
+        may be resumed (not one the worker stalled)."""
+        self.inputs = inputs
+        self.wanted = wanted
+        self.held: set[Any] = set()  # input partitions paused until the flow resumes
+        self.consumer: Any = None
+
+    def install(self, consumer: Any) -> None:
+        self.consumer = consumer
+        seek, resume_flow = consumer.perform_seek, consumer.resume_flow
+
+        def perform_seek() -> Awaitable[None]:
+            # Not a coroutine function on purpose: faust calls it right after resuming
+            # the partitions, in the same step, and the pause must happen before the
+            # fetcher runs again.
+            if consumer.flow_active:
+                held = {tp for tp in consumer._get_active_partitions()
+                        if tp.topic in self.inputs}
+                consumer.pause_partitions(held)
+                self.held |= held
+            return seek()
+
+        def resumed_flow() -> None:
+            resume_flow()
+            if self.held:
+                held, self.held = self.held, set()
+                assigned = consumer.assignment()
+                consumer.resume_partitions(
+                    {tp for tp in held if tp in assigned and self.wanted(tp)})
+
+        consumer.perform_seek = perform_seek
+        consumer.resume_flow = resumed_flow
+
+    def forget(self) -> None:
+        """A rebalance began: the next assignment resumes what it owns itself."""
+        self.held = set()
+
+
+class _App(faust.App):
+    """faust.App whose consumer gets a SeekGuard when faust creates it."""
+
+    seek_guard: SeekGuard | None = None
+
+    def _new_consumer(self) -> Any:
+        consumer = super()._new_consumer()
+        if self.seek_guard is not None:
+            self.seek_guard.install(consumer)
+        return consumer
+
+
 class DeadLetterFailed(SagazError, RuntimeError):
     """The dead-letter copy of an input could not be written."""
 
@@ -312,7 +383,7 @@ class OrchestratorApp:
         self._next_rescan = 0.0  # when to rescan the rows for expiries coming due
         self._counts: dict[str, int] = {}  # partition counts of the output topics
         n = settings.partitions
-        self.app = app = faust.App(
+        self.app = app = _App(
             self.topics.orchestrator,
             broker=f"kafka://{settings.bootstrap}",
             store="rocksdb://",
@@ -356,6 +427,10 @@ class OrchestratorApp:
         app.tables.add(self.table)
         app.agent(self.inputs, name="orchestrate")(self._agent)
         app.on_partitions_assigned.connect(self._on_assigned)
+        # input partitions stay paused while faust seeks them (SeekGuard)
+        self.seek_guard = app.seek_guard = SeekGuard(frozenset(self.topics.inputs),
+                                                     lambda tp: tp not in self.stalled)
+        app.on_partitions_revoked.connect(self._on_revoked)
         app.timer(interval=settings.timer_interval)(self._fire_timers)
         from streams.views import register
 
@@ -864,6 +939,9 @@ class OrchestratorApp:
             self.membership.watching = True  # warn once
             log.warning("no aiokafka group coordinator with _do_heartbeat/_do_rejoin_group: "
                         "this worker is not fenced when cut off from the broker")
+
+    def _on_revoked(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        self.seek_guard.forget()
 
     def _stalled_sample(self) -> list[tuple[tuple[str, ...], float]]:
         return [((), float(len(self.stalled)))]
