@@ -39,6 +39,18 @@ def _worker(bootstrap: str, prefix: str, datadir: str, port: int, log: Any,
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+async def _send_starts(producer: Any, prefix: str, n: int, ids: list[str]) -> None:
+    """``n`` starts of the order saga, acknowledged; their saga ids appended to ``ids``."""
+    futures = []
+    for _ in range(n):
+        sid = uuid.uuid4().hex
+        value = messages.encode("start", sid, None, saga="order",
+                                data={"order_id": sid, "amount": 1}, idempotency_key=None)
+        futures.append(await producer.send(f"{prefix}.commands", value, key=sid.encode()))
+        ids.append(sid)
+    await asyncio.gather(*futures)
+
+
 async def _load(bootstrap: str, prefix: str, ids: list[str], stop: asyncio.Event,
                 rate: float, burst: asyncio.Event, burst_size: int) -> None:
     """Starts of the order saga at ``rate`` a second until ``stop``, and ``burst_size`` at
@@ -54,16 +66,7 @@ async def _load(bootstrap: str, prefix: str, ids: list[str], stop: asyncio.Event
             if burst.is_set():
                 burst.clear()
                 n, t0 = burst_size, t0 - burst_size / rate  # the pace goes on after it
-            futures = []
-            for _ in range(n):
-                sid = uuid.uuid4().hex
-                value = messages.encode("start", sid, None, saga="order",
-                                        data={"order_id": sid, "amount": 1},
-                                        idempotency_key=None)
-                futures.append(await producer.send(f"{prefix}.commands", value,
-                                                   key=sid.encode()))
-                ids.append(sid)
-            await asyncio.gather(*futures)
+            await _send_starts(producer, prefix, n, ids)
             sent += n
             ahead = t0 + sent / rate - time.monotonic()
             if ahead > 0:
@@ -226,16 +229,8 @@ async def test_inputs_are_handed_over_from_the_committed_offset_after_each_rebal
                     procs.append(proc)
                     # joined: the in-process worker gave some partitions up
                     await wait_ready(f"http://127.0.0.1:{port}", [proc], 90)
-                    futures = []
-                    for _ in range(n // rounds):  # a backlog on every partition, then it leaves
-                        sid = uuid.uuid4().hex
-                        value = messages.encode("start", sid, None, saga="order",
-                                                data={"order_id": sid, "amount": 1},
-                                                idempotency_key=None)
-                        futures.append(await producer.send(f"{prefix}.commands", value,
-                                                           key=sid.encode()))
-                        ids.append(sid)
-                    await asyncio.gather(*futures)
+                    # a backlog on every partition, then it leaves
+                    await _send_starts(producer, prefix, n // rounds, ids)
                     proc.send_signal(signal.SIGTERM)  # its partitions come back backlogged
                     await asyncio.to_thread(proc.wait, 60)
                     await asyncio.sleep(1.0)
