@@ -94,10 +94,18 @@ def render() -> str:
         "missing offset at the committed one) then committed past them. "
         "`streams.app.SeekGuard` keeps the input partitions paused from the seek until the "
         "flow resumes; tests/integration/test_scale_in.py lost up to 132 starts without it.",
-        "", "Open: none. Scenarios 1-5 and 7 passed at their long sizes after the last of "
-        "these fixes (the figures below); scenario 6 (outbox and inbox side, which those "
-        "fixes did not touch) is from the run before them. Every invariant is asserted "
-        "strictly: no expected failures.", ""]
+        "", "Open (reported by `pytest -m chaos` as an expected failure only when it is all "
+        "that went wrong):", "",
+        "- Scenario 2, long run on the code with the fences above: 9 of 3,000 sagas stuck "
+        "after the broker was killed and restarted. The workers fenced themselves during the "
+        "outage (exit 75) and were restarted; a result sent just before the kill "
+        "(results:1@1052, the payments step's reply; the step ran once, its effect is in the "
+        "ledger) was committed past by the group without being applied or dead-lettered: "
+        "the saga's last row still waits for it. Not analysed yet; the run was stopped, so "
+        "the figures below for scenarios 2, 3 and 7 are from the run before the fences, the "
+        "seek guard and the run record (the long runs of 1, 4 and 5 are from the code of "
+        "this page). Scenario 6 (outbox and inbox side) is from the earlier run as well.",
+        ""]
     for name in ORDER:
         path = OUT / f"{name}.json"
         if not path.exists():
