@@ -711,7 +711,8 @@ class OrchestratorApp:
             if self.table.last_write is not None:
                 futures.append(self.table.last_write)
                 resends.append(functools.partial(self._resend_row, event))
-            self.metrics.events("applied").inc()
+            # a repeat writes its row again, unchanged (orchestrator: a crash may have lost it)
+            self.metrics.events("duplicate" if out.duplicate else "applied").inc()
         elif out.delete:
             self.table.last_write = None
             del self.table[event.key]

@@ -11,8 +11,12 @@ Effectively once, over at-least-once delivery:
 - A repeated input (its id is in the inbox) changes nothing. If it repeats the last event
   applied, a crash may have lost that event's commands (the row was written, they were
   not), so every command still in flight is emitted again (``machine.resume``);
-  participants drop the ones they had by command id. Older repeats are dropped: later
-  inputs prove their commands went out.
+  participants drop the ones they had by command id. The row is written again too,
+  unchanged: the worker writes its local table before the changelog, so one that died
+  between the two restarts with the new row at hand while the changelog, which the
+  partition's next owner recovers from, still has the one before (a saga waiting for a
+  reply it applied). A finished run's repeats do the same with its outcome. Older repeats
+  are dropped: later inputs prove their row and commands went out.
 - Any other stale input (old attempt, disarmed timer, finished saga) is ignored by the
   machine itself.
 - Faust commits an input offset only after flushing the producer, so a committed input's
@@ -244,8 +248,9 @@ class Orchestrator:
             return self._commit(saga, plan, rec, cmds, event, elapsed)
         if not cmds:
             return Output(None, [], [], None)  # stale (the machine ignored it), or repeated
-        sends, timers, _ = self._translate(saga, rec, cmds)  # the last event again
-        return Output(None, sends, timers, None, duplicate=True)
+        # the last event again (or a finished run): its row and its commands again
+        sends, timers, _ = self._translate(saga, rec, cmds)
+        return Output(run_record.encode(rec), sends, timers, None, duplicate=True)
 
     def _early_timer(self, key: str, rec: run_record.Run, now: float) -> Output | None:
         """An armed timer whose due time has not come: nothing happens, and it is armed
@@ -304,15 +309,18 @@ class Orchestrator:
 
     def _repeat(self, rec: run_record.Run, event_id: str) -> Output:
         """A repeated input changes nothing; ``sagaz.run.repeat`` says what to send again. A
-        finished run announces its outcome again, which needs no definition."""
+        finished run announces its outcome again, which needs no definition. Both write
+        the row again, unchanged (see the module docstring: a crash may have lost its
+        changelog record while the worker's local table kept it)."""
         if rec.state.terminal:
-            return Output(None, [(self.topics.outcomes, rec.saga_id.encode(),
-                                  outcome_message(rec))], [], None, duplicate=True)
+            return Output(run_record.encode(rec), [(
+                self.topics.outcomes, rec.saga_id.encode(), outcome_message(rec))], [], None,
+                duplicate=True)
         if not rec.inbox or rec.inbox[-1] != event_id:
             return Output(None, [], [], None)  # later inputs prove its commands went out
         saga, plan = self.definition(rec)
         sends, timers, _ = self._translate(saga, rec, run_record.repeat(plan, rec, event_id))
-        return Output(None, sends, timers, None, duplicate=True)
+        return Output(run_record.encode(rec), sends, timers, None, duplicate=True)
 
     def _commit(self, saga: Saga, plan: Plan, rec: run_record.Run,
                 cmds: m.Commands, event: m.Event | None, elapsed: float | None = None) -> Output:
