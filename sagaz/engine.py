@@ -197,6 +197,7 @@ class _Run:
     def execute(self, cmds: m.Commands) -> None:
         # isinstance, not ``match``: class patterns cost a third more per command here, and
         # mypy checks this chain as exhaustive all the same (assert_never)
+        now = None  # one clock reading per batch: timers due together fire in their order
         for cmd in cmds:
             if isinstance(cmd, _RunStep):
                 self.start(_RUN, cmd.step, cmd.attempt)
@@ -205,7 +206,9 @@ class _Run:
             elif isinstance(cmd, _RunCompensation):
                 self.start(_COMP, cmd.step, cmd.attempt)
             elif isinstance(cmd, _ScheduleTimer):
-                delay = max(0.0, cmd.due - self.clock())
+                if now is None:
+                    now = self.clock()
+                delay = max(0.0, cmd.due - now)
                 self.timers[cmd.key] = self.loop.call_later(delay, self.fire, cmd.key)
             elif isinstance(cmd, _CancelTimer):
                 handle = self.timers.pop(cmd.key, None)
