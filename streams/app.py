@@ -1075,6 +1075,20 @@ class OrchestratorApp:
                  time.perf_counter() - t0, count)
 
 
+def broker_unreachable(reason: BaseException | None) -> bool:
+    """Whether a crash (or its cause) is a send the broker did not acknowledge in time."""
+    from aiokafka.errors import KafkaTimeoutError
+    from faust.exceptions import ProducerSendError
+
+    seen: set[int] = set()
+    while reason is not None and id(reason) not in seen:
+        seen.add(id(reason))
+        if isinstance(reason, (KafkaTimeoutError, ProducerSendError)):
+            return True
+        reason = reason.__cause__ or reason.__context__
+    return False
+
+
 def run_worker(settings: Settings) -> None:
     """Run one orchestrator worker in this process until SIGINT/SIGTERM (the CLI's job)."""
     from sagaz.tracing import configured_tracer
@@ -1098,4 +1112,17 @@ def run_worker(settings: Settings) -> None:
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             self.spinner = None
 
-    QuietWorker(oapp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    worker = QuietWorker(oapp.app, loglevel=settings.log_level, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        reason = worker.crash_reason or oapp.app.crash_reason
+        if reason is not None and broker_unreachable(reason):
+            # faust stops the whole app when a table write is not acknowledged in time (the
+            # producer gives up after a quarter of the session timeout, see Settings): the
+            # broker is down or cut off, and what this worker holds may be stale. Exit as
+            # fenced, for the process manager to restart it once the broker is back.
+            log.critical("fenced: the broker did not take a write in time (%s); restart this "
+                         "worker", describe(reason))
+            logging.shutdown()
+            os._exit(FROZEN_EXIT_CODE)

@@ -116,3 +116,23 @@ def test_without_the_coordinator_hooks_there_is_no_fence() -> None:
     m = Membership(10.0)
     assert not m.watch(object())
     assert m.lapse() == -math.inf
+
+
+def test_a_crash_on_a_write_the_broker_did_not_take_in_time_is_a_fence() -> None:
+    """faust stops the app when a table write times out (the broker down or cut off for
+    longer than the producer's timeout): `sagaz worker` then exits as fenced (75)."""
+    from aiokafka.errors import KafkaTimeoutError
+    from faust.exceptions import ProducerSendError
+
+    from streams.app import broker_unreachable
+
+    try:
+        try:
+            raise KafkaTimeoutError()
+        except KafkaTimeoutError as exc:
+            raise ProducerSendError(f"Error while sending: {exc!r}") from exc
+    except ProducerSendError as crash:
+        assert broker_unreachable(crash)
+    assert broker_unreachable(KafkaTimeoutError())
+    assert not broker_unreachable(RuntimeError("a bug"))
+    assert not broker_unreachable(None)
